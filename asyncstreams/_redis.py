@@ -1,0 +1,225 @@
+"""The only module that speaks redis-py: the pool, reads, acks, groups and reply shapes.
+
+Everything above this module works on plain values: stream names as str, entry ids as
+bytes, an entry's fields as the flat `[name, value, ...]` list Redis sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import ConfigurationError, RedisUnavailableError
+from .options import mask_url
+
+Redis = aioredis.Redis
+# An entry as a consumer holds it: (stream, id, flat fields, deliveries).
+Entry = tuple[str, bytes, list[bytes], int]
+
+SOCKET_TIMEOUT = 5.0
+# Errors after which the same command may succeed once Redis is back: connection loss,
+# timeouts, a replica that became read-only in a failover, a server loading its dataset.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    BusyLoadingError,
+    MasterDownError,
+    TryAgainError,
+    OSError,
+)
+
+
+def create_client(url: str, *, max_connections: int) -> Redis:
+    """A client whose pool waits for a free connection instead of failing when all are busy."""
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            socket_timeout=SOCKET_TIMEOUT,
+            socket_connect_timeout=SOCKET_TIMEOUT,
+            # A command that failed on a dropped connection is sent again, twice at most;
+            # longer outages are the consumer's to ride out, with its own backoff.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+            client_name=f"asyncstreams-{os.getpid()}",
+            # RESP2, which every supported server speaks the same way (redis-py 8 defaults
+            # to RESP3); a `?protocol=3` in the URL wins, and the replies below allow for it.
+            protocol=2,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"invalid Redis URL {mask_url(url)}: {exc}") from None
+    return Redis.from_pool(pool)
+
+
+async def command(client: Redis, *args: Any) -> Any:
+    """One Redis command through the pool (redis-py's own signature is untyped)."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def describe(client: Redis) -> str:
+    """Where `client` connects, for logs: host and port or socket path, never a password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+async def check_reachable(client: Redis) -> None:
+    """PING, turning any failure into RedisUnavailableError naming the server."""
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise RedisUnavailableError(
+            f"cannot reach Redis at {describe(client)}: {exc or type(exc).__name__}"
+        ) from None
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that go away by themselves: the same command will work later."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    # BUSY: a script is running; redis-py has no class for it.
+    return isinstance(exc, ResponseError) and str(exc).startswith("BUSY ")
+
+
+async def ensure_group(client: Redis, stream: str, group: str, start_id: str) -> bool:
+    """Create `group` on `stream` at `start_id` (and the stream if missing); True if created."""
+    try:
+        await command(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
+    except ResponseError as exc:
+        if str(exc).startswith("BUSYGROUP"):
+            return False
+        raise
+    return True
+
+
+async def ack(client: Redis, group: str, ids_by_stream: Mapping[str, list[bytes]]) -> None:
+    """XACK every id, one XACK per stream, sent together."""
+    batches = [(stream, ids) for stream, ids in ids_by_stream.items() if ids]
+    if len(batches) == 1:
+        stream, ids = batches[0]
+        await command(client, "XACK", stream, group, *ids)
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for stream, ids in batches:
+            pipe.execute_command("XACK", stream, group, *ids)
+        await pipe.execute()
+
+
+async def add(
+    client: Redis,
+    stream: str,
+    fields: Mapping[str, str | bytes],
+    *,
+    maxlen: int | None,
+    approximate: bool,
+) -> str:
+    """XADD one entry; returns its id."""
+    args: list[Any] = ["XADD", stream]
+    if maxlen is not None:
+        args += ["MAXLEN", "~" if approximate else "=", maxlen]
+    args.append("*")
+    for name, value in fields.items():
+        args += [name, value]
+    entry_id = await command(client, *args)
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+class GroupReader:
+    """XREADGROUP for one consumer on a pool connection that it keeps to itself.
+
+    A blocking read holds its connection for up to BLOCK ms, so the reader never borrows a
+    connection that acks or publishes are waiting for. Two traps are designed out: the read
+    timeout is BLOCK plus the socket timeout (a plain socket timeout shorter than BLOCK would
+    fail every idle read), and a read that fails or is cancelled mid-reply drops its
+    connection, so no unread reply is ever left on a connection that is used again.
+    """
+
+    def __init__(
+        self, client: Redis, streams: Iterable[str], group: str, consumer: str, block_ms: int
+    ) -> None:
+        names = tuple(streams)
+        self._pool = client.connection_pool
+        self._conn: AbstractConnection | None = None
+        self._head = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
+        self._tail = ("BLOCK", block_ms, "STREAMS", *names, *(">" for _ in names))
+        self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
+        self._names = {name.encode(): name for name in names}
+        self.client_id: int | None = None
+        self.blocked = False
+
+    async def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is not None and conn.is_connected:
+            return conn
+        if conn is None:
+            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        else:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        self.client_id = None
+        try:
+            await conn.send_command("CLIENT", "ID")
+            self.client_id = int(await conn.read_response())
+        except ResponseError:
+            pass  # no permission for CLIENT ID: a stop then waits out the BLOCK instead
+        return conn
+
+    async def read(self, count: int) -> list[Entry]:
+        """Entries never delivered to the group before, at most `count` per stream."""
+        conn = await self._connection()
+        await conn.send_command(*self._head, count, *self._tail)
+        self.blocked = True
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+        except ResponseError:
+            raise  # a complete error reply: the connection is clean
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            self.blocked = False
+        if not reply:
+            return []
+        names = self._names
+        # RESP2: [[stream, entries], ...]; RESP3: {stream: entries}.
+        streams = reply.items() if isinstance(reply, dict) else reply
+        return [
+            (names[name], entry_id, flat, 1)
+            for name, entries in streams
+            for entry_id, flat in entries
+        ]
+
+    async def unblock(self, client: Redis) -> None:
+        """Make a blocked read return now, empty, as if its BLOCK timed out (best effort)."""
+        if self.blocked and self.client_id is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await command(client, "CLIENT", "UNBLOCK", self.client_id)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)

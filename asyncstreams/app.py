@@ -1,0 +1,306 @@
+"""`App`: the registry of consumers, their lifespan, `publish`, and `async with` embedding."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+
+from . import _redis
+from .codec import HandlerPlan, encode_fields, plan_handler
+from .consumer import Consumer
+from .errors import ConfigurationError
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_MS,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_START_ID,
+    AppOptions,
+    ConsumerOptions,
+    check_url,
+    mask_url,
+    resolve_url,
+)
+
+log = logging.getLogger("asyncstreams")
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
+
+
+def default_consumer_name() -> str:
+    """Unique per process: host, pid and a random part, so restarts never reuse a name."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@asynccontextmanager
+async def _no_lifespan(app: App) -> AsyncIterator[None]:
+    yield
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    plan: HandlerPlan
+    options: ConsumerOptions
+
+
+class OnStarted(anyio.abc.TaskStatus[None]):
+    """A task status that calls `callback` once `serve()` has its consumers running."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: None = None) -> None:
+        self._callback()
+
+
+class App:
+    """An asyncstreams application: handlers registered with `@app.consumer`, run together.
+
+    `url` is where Redis is; the CLI's `--url` overrides it, and without either asyncstreams
+    uses `$ASYNCSTREAMS_URL`, then `redis://localhost:6379/0`. `grace_period` is how long
+    handlers get to finish when the app stops. `lifespan`, if given, is entered before the
+    consumers start and left after they stop (open your database pool there).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        lifespan: Lifespan | None = None,
+    ) -> None:
+        self._options = AppOptions(
+            url=url, grace_period=grace_period, max_connections=max_connections
+        )
+        self._cli_url: str | None = None
+        self._lifespan: Lifespan = lifespan or _no_lifespan
+        self._registrations: list[Registration] = []
+        self._client: _redis.Redis | None = None
+        self._stop: anyio.Event | None = None
+        self._stop_requested = False
+        self._background: asyncio.Task[None] | None = None
+        self.consumer_name = default_consumer_name()
+
+    # -- registration ------------------------------------------------------------------
+
+    def consumer(
+        self,
+        streams: str | Sequence[str],
+        *,
+        group: str,
+        consumer: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        block_ms: int = DEFAULT_BLOCK_MS,
+        start_id: str = DEFAULT_START_ID,
+    ) -> Callable[[H], H]:
+        """Register the decorated `async def` to handle the entries of `streams` in `group`.
+
+        The handler's parameters decide what it receives: a `msgspec.Struct` type is decoded
+        from the entry's fields, `Message` gets the envelope, `dict[str, str]` gets the fields.
+        Up to `concurrency` handlers run at once; each XREADGROUP asks for up to `batch_size`
+        entries and blocks up to `block_ms`. A new group starts at `start_id` ("0": the whole
+        stream; "$": only entries added from now on). The handler is returned unchanged.
+        """
+        names = (streams,) if isinstance(streams, str) else tuple(streams)
+        options = ConsumerOptions(
+            streams=names,
+            group=group,
+            consumer=consumer,
+            concurrency=concurrency,
+            batch_size=batch_size,
+            block_ms=block_ms,
+            start_id=start_id,
+        )
+
+        def register(handler: H) -> H:
+            plan = plan_handler(handler)
+            for other in self._registrations:
+                shared = set(other.options.streams) & set(names)
+                if shared and other.options.group == group:
+                    raise ConfigurationError(
+                        f"handler {plan.name}: stream {sorted(shared)[0]!r} in group {group!r} "
+                        f"is already consumed by handler {other.plan.name}; expected one handler "
+                        "per stream and group (raise its concurrency, or use another group)"
+                    )
+            self._registrations.append(Registration(plan, options))
+            return handler
+
+        return register
+
+    @property
+    def registrations(self) -> tuple[Registration, ...]:
+        return tuple(self._registrations)
+
+    # -- configuration and the client --------------------------------------------------
+
+    def configure(self, *, url: str | None = None, grace_period: float | None = None) -> None:
+        """Override settings from the process edge (the CLI's --url and --grace-period)."""
+        if url is not None:
+            self._cli_url = check_url(url)
+        if grace_period is not None:
+            self._options = AppOptions(
+                url=self._options.url,
+                grace_period=grace_period,
+                max_connections=self._options.max_connections,
+            )
+
+    @property
+    def url(self) -> str:
+        """The Redis URL in effect (may hold a password: log `display_url` instead)."""
+        return resolve_url(self._cli_url, self._options.url)
+
+    @property
+    def display_url(self) -> str:
+        return mask_url(self.url)
+
+    @property
+    def grace_period(self) -> float:
+        return self._options.grace_period
+
+    @property
+    def redis(self) -> _redis.Redis:
+        """The app's Redis client. Handlers may use it; it shares the consumers' pool.
+
+        Replies are bytes (the client does not decode responses).
+        """
+        if self._client is None:
+            # Each consumer's blocking read keeps a connection of its own on top.
+            readers = len(self._registrations)
+            self._client = _redis.create_client(
+                self.url, max_connections=self._options.max_connections + readers
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the app's Redis client and its pool (a new one is made if used again)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(
+        self,
+        stream: str,
+        payload: msgspec.Struct | Mapping[str, Any],
+        *,
+        maxlen: int | None = None,
+        approximate: bool = True,
+    ) -> str:
+        """XADD `payload` to `stream` as a flat field map; returns the new entry's id.
+
+        Scalars are written as text and nested values as JSON, so any Redis client can read
+        the entry and a handler taking the same Struct type gets an equal value back.
+        `maxlen` trims the stream (approximately, unless `approximate=False`).
+        """
+        if maxlen is not None and (
+            isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0
+        ):
+            raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
+        return await _redis.add(
+            self.redis, stream, encode_fields(payload), maxlen=maxlen, approximate=approximate
+        )
+
+    # -- running -----------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every consumer until `stop()` is called or this task is cancelled.
+
+        Installs no signal handlers: that is `run()`'s job, or the CLI's.
+        Raises RedisUnavailableError if Redis cannot be reached at start.
+        """
+        if self._stop is not None:
+            raise RuntimeError("this App is already running")
+        stop = self._stop = anyio.Event()
+        if self._stop_requested:
+            stop.set()
+        client = self.redis
+        try:
+            await _redis.check_reachable(client)
+            async with self._lifespan(self):
+                consumers = [
+                    Consumer(r.plan, r.options, client, r.options.consumer or self.consumer_name)
+                    for r in self._registrations
+                ]
+                for consumer in consumers:
+                    await consumer.ensure_groups()
+                async with anyio.create_task_group() as tg:
+                    for consumer in consumers:
+                        await tg.start(consumer.run, stop, self.grace_period)
+                    log.info(
+                        "asyncstreams running %d consumer(s) on %s",
+                        len(consumers),
+                        _redis.describe(client),
+                    )
+                    task_status.started()
+                    await stop.wait()
+                for consumer in consumers:
+                    if consumer.failure is not None:
+                        raise consumer.failure
+        finally:
+            self._stop = None
+            self._stop_requested = False
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+
+    def stop(self) -> None:
+        """Ask a running app to stop gracefully: stop reading, drain, ack, close."""
+        if self._stop is not None:
+            self._stop.set()
+        else:
+            self._stop_requested = True
+
+    async def run(self) -> None:
+        """Serve until cancelled, SIGINT or SIGTERM (a second signal stops at once)."""
+        from .runner import serve_until_signal
+
+        await serve_until_signal(self)
+
+    async def __aenter__(self) -> App:
+        """Start the consumers in the background; they run until the block is left."""
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+
+        async def serve() -> None:
+            try:
+                await self.serve(task_status=OnStarted(lambda: started.set_result(None)))
+            except BaseException as exc:
+                if started.done():
+                    raise
+                if isinstance(exc, asyncio.CancelledError):
+                    started.cancel()
+                else:
+                    started.set_exception(exc)
+
+        self._background = loop.create_task(serve(), name="asyncstreams app")
+        await started
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task, self._background = self._background, None
+        if task is not None:
+            self.stop()
+            await task

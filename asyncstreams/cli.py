@@ -1,0 +1,154 @@
+"""`asyncstreams run module:app`: argument parsing, importing the app, logging set-up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from .app import App
+from .errors import AsyncstreamsError
+from .options import check_url
+from .runner import WORKER_URL_ENV, RunConfig, run, supervise
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+class TargetError(AsyncstreamsError):
+    """Raised when `module:attribute` does not lead to an App."""
+
+
+def import_app(target: str) -> App:
+    """Import `module:attribute` (the attribute may be dotted) and check it is an App."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise TargetError(
+            f'invalid target "{target}": expected "module:attribute", e.g. "tasks:app"'
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does, for the console script too
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if module_name == missing or module_name.startswith(missing + "."):
+            raise TargetError(
+                f'cannot import "{target}": no module named "{missing}"; '
+                'expected "module:attribute" with module importable from here'
+            ) from None
+        raise  # the module exists but an import inside it failed: show its traceback
+    found: object = module
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise TargetError(
+                f'cannot import "{target}": module "{module_name}" has no attribute '
+                f'"{attribute}"; expected "module:attribute"'
+            ) from None
+    if not isinstance(found, App):
+        raise TargetError(
+            f'"{target}" is {type(found).__name__} {found!r:.60}; expected an asyncstreams App'
+        )
+    return found
+
+
+def _grace_period(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds as a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
+def _url(text: str) -> str:
+    try:
+        return check_url(text)
+    except AsyncstreamsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncstreams", description="Run Redis Streams consumers written with asyncstreams."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    runp = commands.add_parser("run", help="run the consumers of an app until SIGINT/SIGTERM")
+    runp.add_argument("target", help='where the App is, as "module:attribute" (e.g. tasks:app)')
+    runp.add_argument(
+        "--url", type=_url, help="Redis URL; overrides App(url) and $ASYNCSTREAMS_URL"
+    )
+    runp.add_argument(
+        "--workers", type=_workers, default=1, metavar="N", help="processes to run (default 1)"
+    )
+    runp.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    runp.add_argument(
+        "--grace-period",
+        type=_grace_period,
+        metavar="SECONDS",
+        help="how long running handlers may finish after a stop signal (default: the App's)",
+    )
+    runp.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start a private redis-server on a free loopback port and use it",
+    )
+    runp.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop: uvloop when installed (auto), or plain asyncio",
+    )
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    if args.embedded and args.url:
+        print("asyncstreams: error: --embedded and --url exclude each other", file=sys.stderr)
+        return 2
+    config = RunConfig(
+        target=args.target,
+        url=args.url or os.environ.pop(WORKER_URL_ENV, None),
+        workers=args.workers,
+        log_level=args.log_level,
+        grace_period=args.grace_period,
+        embedded=args.embedded,
+        loop=args.loop,
+    )
+    try:
+        app = import_app(config.target)
+        if config.workers > 1:
+            return supervise(config)
+        return run(app, config)
+    except TargetError as exc:
+        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        return 2
+    except AsyncstreamsError as exc:
+        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        return 1

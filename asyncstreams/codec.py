@@ -1,0 +1,272 @@
+"""From a handler's signature to one call per entry; from a payload to a flat field map.
+
+A stream entry is a flat map of text fields. A handler asks for it by annotating its
+parameters: a `msgspec.Struct` type is decoded from the fields (strings coerced to numbers
+and booleans, nested values parsed from JSON), `Message` gets the envelope and
+`dict[str, str]` gets the fields. Everything is worked out once, at registration.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+
+from .errors import ConfigurationError, DecodeError
+from .message import Message, decode_fields
+
+Handler = Callable[..., Awaitable[Any]]
+# The call for one entry: (stream, id, flat fields, deliveries) -> the handler's awaitable.
+Invoke = Callable[[str, bytes, list[bytes], int], Awaitable[Any]]
+
+
+class Arg(enum.Enum):
+    STRUCT = "a msgspec.Struct payload"
+    FIELDS = "the fields as dict[str, str]"
+    MESSAGE = "the Message envelope"
+
+
+_CONTAINERS = (
+    mi.ListType,
+    mi.TupleType,
+    mi.VarTupleType,
+    mi.SetType,
+    mi.FrozenSetType,
+    mi.DictType,
+    mi.StructType,
+    mi.DataclassType,
+    mi.TypedDictType,
+    mi.NamedTupleType,
+)
+_EXPECTED = "a msgspec.Struct type, Message or dict[str, str]"
+
+
+def _is_fields_type(annotation: object) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (dict, Mapping) and typing.get_args(annotation) == (str, str)
+
+
+def _is_struct_type(annotation: object) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, msgspec.Struct)
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerPlan:
+    """What a handler receives, worked out from its signature once."""
+
+    handler: Handler
+    name: str
+    args: tuple[Arg, ...]
+    keywords: tuple[str | None, ...]
+    payload_type: type[msgspec.Struct] | None
+
+    def bind(self, group: str, consumer: str) -> Invoke:
+        """The per-entry call for this handler running as `consumer` of `group`."""
+        handler = self.handler
+        decode = struct_decoder(self.payload_type) if self.payload_type else None
+
+        def message(stream: str, id: bytes, flat: list[bytes], deliveries: int) -> Message:
+            return Message.from_entry(id, flat, stream, group, consumer, deliveries)
+
+        # The common shapes get a call of their own: no per-entry loop over parameters.
+        if any(self.keywords):
+            makers = [self._maker(arg, decode, message) for arg in self.args]
+            keywords = self.keywords
+
+            def invoke_general(s: str, i: bytes, f: list[bytes], d: int) -> Awaitable[Any]:
+                positional = []
+                named = {}
+                for keyword, make in zip(keywords, makers, strict=True):
+                    if keyword is None:
+                        positional.append(make(s, i, f, d))
+                    else:
+                        named[keyword] = make(s, i, f, d)
+                return handler(*positional, **named)
+
+            return invoke_general
+        if decode is not None and self.args == (Arg.STRUCT,):
+            return lambda s, i, f, d: handler(decode(f))
+        if decode is not None and self.args == (Arg.STRUCT, Arg.MESSAGE):
+            return lambda s, i, f, d: handler(decode(f), message(s, i, f, d))
+        if self.args == (Arg.MESSAGE,):
+            return lambda s, i, f, d: handler(message(s, i, f, d))
+        if self.args == (Arg.FIELDS,):
+            return lambda s, i, f, d: handler(decode_fields(f))
+        makers = [self._maker(arg, decode, message) for arg in self.args]
+        return lambda s, i, f, d: handler(*[make(s, i, f, d) for make in makers])
+
+    @staticmethod
+    def _maker(
+        arg: Arg,
+        decode: Callable[[list[bytes]], Any] | None,
+        message: Callable[[str, bytes, list[bytes], int], Message],
+    ) -> Callable[[str, bytes, list[bytes], int], Any]:
+        if arg is Arg.MESSAGE:
+            return message
+        if arg is Arg.FIELDS:
+            return lambda s, i, f, d: decode_fields(f)
+        assert decode is not None
+        return lambda s, i, f, d: decode(f)
+
+
+def plan_handler(handler: object) -> HandlerPlan:
+    """Check `handler`'s signature and work out what each parameter receives.
+
+    Raises ConfigurationError naming the handler when it is not `async def`, has a
+    parameter whose annotation is not one of the supported kinds, or asks for two payloads.
+    """
+    name = getattr(handler, "__qualname__", None) or repr(handler)
+    if not callable(handler):
+        raise ConfigurationError(f"handler {name}: expected an async function, found {handler!r}")
+    # An object whose class has `async def __call__` counts too.
+    is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    )
+    if not is_async:
+        raise ConfigurationError(
+            f"handler {name}: expected an async function (async def), found a regular "
+            f"{'function' if inspect.isfunction(handler) else type(handler).__name__}"
+        )
+    try:
+        signature = inspect.signature(handler)
+        hints = typing.get_type_hints(handler)
+    except (NameError, TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"handler {name}: cannot resolve its annotations ({exc}); "
+            f"expected each parameter annotated with {_EXPECTED}"
+        ) from None
+
+    args: list[Arg] = []
+    keywords: list[str | None] = []
+    payload_type: type[msgspec.Struct] | None = None
+    for param in signature.parameters.values():
+        where = f'handler {name}: parameter "{param.name}"'
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ConfigurationError(
+                f"{where}: expected a named parameter annotated with {_EXPECTED}, "
+                f"found {'*' if param.kind is param.VAR_POSITIONAL else '**'}{param.name}"
+            )
+        if param.name not in hints:
+            raise ConfigurationError(f"{where}: expected an annotation, {_EXPECTED}; found none")
+        annotation = hints[param.name]
+        if annotation is Message:
+            arg = Arg.MESSAGE
+        elif _is_struct_type(annotation):
+            arg = Arg.STRUCT
+            payload_type = annotation
+        elif _is_fields_type(annotation):
+            arg = Arg.FIELDS
+        else:
+            raise ConfigurationError(f"{where}: expected {_EXPECTED}, found {annotation!r}")
+        if arg is not Arg.MESSAGE and any(a is not Arg.MESSAGE for a in args):
+            raise ConfigurationError(
+                f"{where}: the handler already takes a payload; expected one payload "
+                f"parameter ({Arg.STRUCT.value} or {Arg.FIELDS.value}), found a second"
+            )
+        args.append(arg)
+        keywords.append(param.name if param.kind is param.KEYWORD_ONLY else None)
+    if not args:
+        raise ConfigurationError(
+            f"handler {name}: expected at least one parameter annotated with {_EXPECTED}, "
+            "found none"
+        )
+    if payload_type is not None:
+        struct_decoder(payload_type)  # fail now, not at the first entry
+    return HandlerPlan(handler, name, tuple(args), tuple(keywords), payload_type)
+
+
+def _nested_fields(struct: type[msgspec.Struct]) -> frozenset[str]:
+    """Encoded names of the fields whose values travel as JSON text."""
+    info = mi.type_info(struct)
+    assert isinstance(info, mi.StructType)
+    if info.array_like:
+        raise ConfigurationError(
+            f"payload type {struct.__qualname__}: expected a Struct encoded as a map, "
+            "found array_like=True (stream entries are field maps)"
+        )
+    nested = set()
+    for field in info.fields:
+        members = field.type.types if isinstance(field.type, mi.UnionType) else (field.type,)
+        members = tuple(m.type if isinstance(m, mi.Metadata) else m for m in members)
+        containers = [m for m in members if isinstance(m, _CONTAINERS)]
+        scalars = [m for m in members if not isinstance(m, (*_CONTAINERS, mi.NoneType))]
+        if containers and scalars:
+            raise ConfigurationError(
+                f"payload type {struct.__qualname__}: field {field.name!r} mixes text and "
+                f"nested types ({field.type}); expected one or the other"
+            )
+        if containers:
+            nested.add(field.encode_name)
+    return frozenset(nested)
+
+
+_decoders: dict[type[msgspec.Struct], Callable[[list[bytes]], Any]] = {}
+
+
+def struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]], Any]:
+    """The decoder from an entry's flat field list to `struct`, built once per type."""
+    decoder = _decoders.get(struct)
+    if decoder is None:
+        decoder = _decoders[struct] = _build_struct_decoder(struct)
+    return decoder
+
+
+def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]], Any]:
+    nested = _nested_fields(struct)
+    convert = msgspec.convert
+    json_decode = msgspec.json.decode
+    name = struct.__qualname__
+
+    def decode(flat: list[bytes]) -> Any:
+        fields = decode_fields(flat)
+        for key in nested.intersection(fields):
+            try:
+                fields[key] = json_decode(fields[key])
+            except msgspec.DecodeError as exc:
+                raise DecodeError(f"expected JSON in field {key!r} of {name}: {exc}") from None
+        try:
+            return convert(fields, struct, strict=False)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"entry does not match {name}: {exc}") from None
+
+    return decode
+
+
+def encode_fields(payload: msgspec.Struct | Mapping[str, Any]) -> dict[str, str | bytes]:
+    """A flat field map any Redis client can read: scalars as text, nested values as JSON.
+
+    `None` values are left out (a stream entry has no null); decoding gives such a
+    field its default.
+    """
+    if isinstance(payload, msgspec.Struct):
+        builtins = msgspec.to_builtins(payload)
+    elif isinstance(payload, Mapping):
+        builtins = msgspec.to_builtins(dict(payload))
+    else:
+        raise ConfigurationError(
+            f"publish: expected a msgspec.Struct or a dict payload, found {type(payload).__name__}"
+        )
+    fields: dict[str, str | bytes] = {}
+    for key, value in builtins.items():
+        if isinstance(value, str):
+            fields[key] = value
+        elif value is None:
+            continue
+        elif value is True or value is False:
+            fields[key] = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            fields[key] = repr(value)
+        else:
+            fields[key] = msgspec.json.encode(value)
+    if not fields:
+        raise ConfigurationError(
+            "publish: expected a payload with at least one non-None field, found none "
+            "(Redis stores no empty entries)"
+        )
+    return fields

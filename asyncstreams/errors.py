@@ -1,0 +1,19 @@
+"""The exceptions asyncstreams raises. Each says what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class AsyncstreamsError(Exception):
+    """Base class of every error asyncstreams raises on purpose."""
+
+
+class ConfigurationError(AsyncstreamsError, ValueError):
+    """Raised when an option, a URL or a handler's signature is not what asyncstreams expects."""
+
+
+class DecodeError(AsyncstreamsError):
+    """Raised when an entry's fields cannot be decoded into what the handler asks for."""
+
+
+class RedisUnavailableError(AsyncstreamsError):
+    """Raised when Redis cannot be reached or refuses us while the app starts."""

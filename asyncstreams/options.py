@@ -1,0 +1,141 @@
+"""Options, declared once: frozen keyword-only dataclasses validated when they are created."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+
+DEFAULT_URL = "redis://localhost:6379/0"
+URL_ENV = "ASYNCSTREAMS_URL"
+URL_SCHEMES = ("redis", "rediss", "unix")
+
+# Defaults, chosen from `python -m benchmarks` runs on a 2-core machine (see README, "Tuning").
+DEFAULT_CONCURRENCY = 64
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_BLOCK_MS = 2_000
+DEFAULT_START_ID = "0"
+DEFAULT_GRACE_PERIOD = 10.0
+DEFAULT_MAX_CONNECTIONS = 32
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_number(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"{owner}: {name} must be a number >= 0, got {value!r}")
+
+
+def _name(owner: str, what: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{owner}: {what} must be a non-empty string, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsumerOptions:
+    """How one handler consumes: which streams, as which group and consumer, how much at once.
+
+    `concurrency` bounds the handlers running at once; `batch_size` is the most entries one
+    XREADGROUP asks for. Entries delivered to the consumer and not yet acked never number more
+    than `concurrency + batch_size`. `start_id` is only where a new group starts reading;
+    entries are always read with `>`.
+    """
+
+    streams: tuple[str, ...]
+    group: str
+    consumer: str | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    batch_size: int = DEFAULT_BATCH_SIZE
+    block_ms: int = DEFAULT_BLOCK_MS
+    start_id: str = DEFAULT_START_ID
+
+    def __post_init__(self) -> None:
+        owner = "consumer"
+        if not self.streams:
+            raise ConfigurationError(f"{owner}: expected at least one stream name, got none")
+        for stream in self.streams:
+            _name(owner, "a stream name", stream)
+        if len(set(self.streams)) != len(self.streams):
+            raise ConfigurationError(f"{owner}: stream names repeat in {list(self.streams)!r}")
+        _name(owner, "group", self.group)
+        if self.consumer is not None:
+            _name(owner, "consumer", self.consumer)
+        _positive_int(owner, "concurrency", self.concurrency)
+        _positive_int(owner, "batch_size", self.batch_size)
+        _positive_int(owner, "block_ms", self.block_ms)
+        _name(owner, "start_id", self.start_id)
+        if self.start_id == ">":
+            raise ConfigurationError(
+                f'{owner}: start_id must be "0", "$" or an entry id, got ">" '
+                '(">" is what XREADGROUP reads with, not where a group starts)'
+            )
+        if self.concurrency + self.batch_size < len(self.streams):
+            raise ConfigurationError(
+                f"{owner}: concurrency + batch_size ({self.concurrency + self.batch_size}) "
+                f"must be at least the number of streams ({len(self.streams)})"
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AppOptions:
+    """Process-wide settings of an App.
+
+    `max_connections` is the shared part of the connection pool (acks, publish, handlers'
+    own commands); each consumer's blocking read gets a connection of its own on top.
+    """
+
+    url: str | None = None
+    grace_period: float = DEFAULT_GRACE_PERIOD
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            check_url(self.url)
+        _non_negative_number("App", "grace_period", self.grace_period)
+        _positive_int("App", "max_connections", self.max_connections)
+
+
+def check_url(url: object) -> str:
+    """Return `url` if its scheme is one Redis speaks, else raise ConfigurationError."""
+    if not isinstance(url, str) or not url:
+        raise ConfigurationError(f"Redis URL must be a non-empty string, got {url!r}")
+    scheme = urlsplit(url).scheme
+    if scheme not in URL_SCHEMES:
+        raise ConfigurationError(
+            f"Redis URL scheme must be one of {', '.join(s + '://' for s in URL_SCHEMES)}; "
+            f"got {scheme + '://' if scheme else 'no scheme'} in {mask_url(url)}"
+        )
+    return url
+
+
+def resolve_url(cli_url: str | None, app_url: str | None) -> str:
+    """The URL in effect: the CLI's --url, App(url), $ASYNCSTREAMS_URL, or the default."""
+    for candidate in (cli_url, app_url, os.environ.get(URL_ENV) or None):
+        if candidate is not None:
+            return check_url(candidate)
+    return DEFAULT_URL
+
+
+def mask_url(url: str) -> str:
+    """`url` with any password replaced by `***`, for logs and errors."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostinfo}"
+    query = parts.query
+    if "password=" in query:
+        query = "&".join(
+            "password=***" if item.startswith("password=") else item for item in query.split("&")
+        )
+    return parts._replace(netloc=netloc, query=query).geturl()
