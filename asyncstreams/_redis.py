@@ -112,8 +112,17 @@ async def ensure_group(client: Redis, stream: str, group: str, start_id: str) ->
     except ResponseError as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
+        if str(exc).startswith("WRONGTYPE"):
+            found = await command(client, "TYPE", stream)
+            raise ConfigurationError(
+                f"key {stream!r}: expected a stream, found a {_text(found)}"
+            ) from None
         raise
     return True
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def ack(client: Redis, group: str, ids_by_stream: Mapping[str, list[bytes]]) -> None:

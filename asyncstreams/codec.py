@@ -133,14 +133,7 @@ def plan_handler(handler: object) -> HandlerPlan:
             f"handler {name}: expected an async function (async def), found a regular "
             f"{'function' if inspect.isfunction(handler) else type(handler).__name__}"
         )
-    try:
-        signature = inspect.signature(handler)
-        hints = typing.get_type_hints(handler)
-    except (NameError, TypeError, ValueError) as exc:
-        raise ConfigurationError(
-            f"handler {name}: cannot resolve its annotations ({exc}); "
-            f"expected each parameter annotated with {_EXPECTED}"
-        ) from None
+    signature = _signature(handler, name)
 
     args: list[Arg] = []
     keywords: list[str | None] = []
@@ -152,9 +145,9 @@ def plan_handler(handler: object) -> HandlerPlan:
                 f"{where}: expected a named parameter annotated with {_EXPECTED}, "
                 f"found {'*' if param.kind is param.VAR_POSITIONAL else '**'}{param.name}"
             )
-        if param.name not in hints:
+        annotation = param.annotation
+        if annotation is param.empty:
             raise ConfigurationError(f"{where}: expected an annotation, {_EXPECTED}; found none")
-        annotation = hints[param.name]
         if annotation is Message:
             arg = Arg.MESSAGE
         elif _is_struct_type(annotation):
@@ -179,6 +172,27 @@ def plan_handler(handler: object) -> HandlerPlan:
     if payload_type is not None:
         struct_decoder(payload_type)  # fail now, not at the first entry
     return HandlerPlan(handler, name, tuple(args), tuple(keywords), payload_type)
+
+
+def _signature(handler: Callable[..., Any], name: str) -> inspect.Signature:
+    """The signature with string annotations evaluated (for functions, partials and objects
+    with `async def __call__` alike)."""
+    try:
+        return inspect.signature(handler, eval_str=True)
+    except NameError as exc:
+        raw = inspect.signature(handler)
+        culprit = next(
+            (
+                f'parameter "{p.name}"'
+                for p in raw.parameters.values()
+                if isinstance(p.annotation, str) and exc.name and exc.name in p.annotation
+            ),
+            "an annotation",
+        )
+        raise ConfigurationError(
+            f"handler {name}: {culprit}: cannot resolve {exc.name!r} ({exc}); expected "
+            f"{_EXPECTED} defined where the handler's module can see it (e.g. module level)"
+        ) from None
 
 
 def _nested_fields(struct: type[msgspec.Struct]) -> frozenset[str]:
@@ -254,6 +268,10 @@ def encode_fields(payload: msgspec.Struct | Mapping[str, Any]) -> dict[str, str 
         )
     fields: dict[str, str | bytes] = {}
     for key, value in builtins.items():
+        if not isinstance(key, str):
+            raise ConfigurationError(
+                f"publish: expected field names as str, found {type(key).__name__} {key!r}"
+            )
         if isinstance(value, str):
             fields[key] = value
         elif value is None:

@@ -143,13 +143,13 @@ class Consumer:
         n_streams = self._n_streams
         try:
             while not self._stopping:
-                room = self._limit - self._outstanding
-                if room < n_streams:
+                if not self._may_read():
                     self._room = loop.create_future()
                     await self._room
                     self._room = None
                     continue
                 # COUNT applies per stream: never ask for more than there is room for.
+                room = self._limit - self._outstanding
                 count = min(batch_size, room) // n_streams
                 try:
                     entries = await reader.read(count)
@@ -202,15 +202,16 @@ class Consumer:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def _may_read(self) -> bool:
+        """Read a full batch when there is room for one, or less rather than let workers idle."""
+        room = self._limit - self._outstanding
+        return room >= self.options.batch_size or (not self._queue and room >= self._n_streams)
+
     def _release(self, n: int) -> None:
         """`n` delivered entries are done with (acked or given up): room for more."""
         self._outstanding -= n
         room = self._room
-        if (
-            room is not None
-            and not room.done()
-            and self._limit - self._outstanding >= self._n_streams
-        ):
+        if room is not None and not room.done() and self._may_read():
             room.set_result(None)
 
     # -- handling ----------------------------------------------------------------------

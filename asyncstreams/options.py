@@ -104,12 +104,16 @@ def check_url(url: object) -> str:
     """Return `url` if its scheme is one Redis speaks, else raise ConfigurationError."""
     if not isinstance(url, str) or not url:
         raise ConfigurationError(f"Redis URL must be a non-empty string, got {url!r}")
-    scheme = urlsplit(url).scheme
-    if scheme not in URL_SCHEMES:
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme not in URL_SCHEMES:
         raise ConfigurationError(
-            f"Redis URL scheme must be one of {', '.join(s + '://' for s in URL_SCHEMES)}; "
-            f"got {scheme + '://' if scheme else 'no scheme'} in {mask_url(url)}"
+            f"Redis URL must start with one of {', '.join(s + '://' for s in URL_SCHEMES)}; "
+            f"got {scheme + '://' if separator else 'no scheme'} in {mask_url(url)}"
         )
+    try:
+        urlsplit(url).port  # noqa: B018 - parses the host and port, raising if malformed
+    except ValueError as exc:
+        raise ConfigurationError(f"Redis URL {mask_url(url)} is malformed: {exc}") from None
     return url
 
 
@@ -122,20 +126,21 @@ def resolve_url(cli_url: str | None, app_url: str | None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """`url` with any password replaced by `***`, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostinfo}"
-    query = parts.query
-    if "password=" in query:
+    """`url` with any password replaced by `***`, for logs and errors.
+
+    Works on the text rather than a parse, so a malformed URL is masked too: whatever
+    stands between the first `:` of the user info and its last `@` is the password, and so
+    is the value of a `password=` query parameter.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    userinfo, at, rest = rest.rpartition("@")
+    if at:
+        userinfo = f"{userinfo.split(':', 1)[0]}:***@" if ":" in userinfo else userinfo + at
+    rest, question, query = rest.partition("?")
+    if question:
         query = "&".join(
             "password=***" if item.startswith("password=") else item for item in query.split("&")
         )
-    return parts._replace(netloc=netloc, query=query).geturl()
+    return f"{scheme}{separator}{userinfo}{rest}{question}{query}"

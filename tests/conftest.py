@@ -1,0 +1,66 @@
+"""Fixtures: a real redis-server per session (started here, on a free loopback port), names
+unique to each test, and async tests run on both asyncio and uvloop."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from asyncstreams.embedded import EmbeddedRedis
+
+
+@pytest.fixture(
+    scope="session",
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis | None]:
+    """The session's own redis-server; None when $REDIS_URL names one to use instead."""
+    if os.environ.get("REDIS_URL"):
+        yield None
+        return
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis | None) -> str:
+    return redis_server.url if redis_server is not None else os.environ["REDIS_URL"]
+
+
+@pytest.fixture
+def names(request: pytest.FixtureRequest) -> Names:
+    return Names(f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}")
+
+
+class Names:
+    """Stream and group names that no other test uses (tests never flush the server)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.stream = f"{prefix}:stream"
+        self.group = f"{prefix}:group"
+
+    def __call__(self, suffix: str) -> str:
+        return f"{self.prefix}:{suffix}"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client for the test's own checks, decoding replies to str."""
+    redis = aioredis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()

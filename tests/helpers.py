@@ -1,0 +1,148 @@
+"""Helpers shared by the tests: waiting on Redis state instead of sleeping, CLI processes,
+and the handler ledger that test apps write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `check` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:
+    summary = await client.xpending(stream, group)
+    return int(summary["pending"])
+
+
+async def drained(client: aioredis.Redis, stream: str, group: str) -> bool:
+    """True when the group has read every entry of the stream and none is pending."""
+    info = await client.xinfo_stream(stream)
+    groups = {g["name"]: g for g in await client.xinfo_groups(stream)}
+    group_info = groups[group]
+    return bool(
+        group_info["pending"] == 0
+        and group_info["last-delivered-id"] == info["last-generated-id"]
+    )
+
+
+async def wait_drained(
+    client: aioredis.Redis, stream: str, group: str, *, timeout: float = 20.0
+) -> None:
+    await eventually(
+        lambda: drained(client, stream, group), timeout=timeout, what=f"{stream} drained"
+    )
+
+
+async def fill(client: aioredis.Redis, stream: str, count: int, **extra: str) -> list[str]:
+    """XADD `count` entries {"n": i, **extra} in pipelined chunks; returns their ids."""
+    ids: list[str] = []
+    for start in range(0, count, 1000):
+        async with client.pipeline(transaction=False) as pipe:
+            for n in range(start, min(count, start + 1000)):
+                pipe.xadd(stream, {"n": str(n), **extra})
+            ids += await pipe.execute()
+    return ids
+
+
+@dataclass
+class Run:
+    """One handler run recorded by a test app: entry id, pid, start and end times."""
+
+    id: str
+    pid: int
+    start: float
+    end: float | None
+    fields: dict[str, str]
+
+
+def read_ledger(path: Path) -> list[Run]:
+    runs: dict[tuple[str, int, float], Run] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        key = (record["id"], record["pid"], record["start"])
+        if record["event"] == "start":
+            runs[key] = Run(record["id"], record["pid"], record["start"], None, record["fields"])
+        else:
+            runs[key].end = record["end"]
+    return list(runs.values())
+
+
+class CliProcess:
+    """`python -m asyncstreams run ...` as a real child process, its stderr kept in a file."""
+
+    def __init__(
+        self, args: list[str], *, env: Mapping[str, str] | None = None, log_path: Path
+    ) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "asyncstreams", *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"process exited ({self.process.returncode}) before printing {text!r}:\n"
+                    + self.output()
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} after {timeout} s:\n{self.output()}")
+            time.sleep(0.02)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        """Make sure the process is gone (used in finally blocks)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+def app_env(**settings: Any) -> dict[str, str]:
+    """Environment for tests/apps/ledger_app.py."""
+    return {f"LEDGER_APP_{key.upper()}": str(value) for key, value in settings.items()}
