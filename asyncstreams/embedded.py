@@ -123,7 +123,8 @@ class EmbeddedRedis:
                 self.process = None
                 return False
             with contextlib.suppress(OSError):
-                if _ping(port).startswith(b"+PONG"):
+                # PONG, or NOAUTH from a server started with --requirepass: it is up.
+                if _ping(port).startswith((b"+PONG", b"-NOAUTH")):
                     return True
             time.sleep(0.02)
         self.stop()

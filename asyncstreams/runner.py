@@ -284,8 +284,13 @@ def _watch(workers: list[_Worker], received: list[int]) -> int:
                 )
                 # At most one restart a second: a worker that keeps dying must not spin.
                 time.sleep(max(0.0, worker.started_at + RESTART_INTERVAL - time.monotonic()))
+                if received:  # a stop signal came meanwhile: it was not sent to this one
+                    del running[worker.index]
+                    continue
                 worker.start()
                 log.info("restarted worker %d (pid %d)", worker.index, worker.pid)
+                if received:  # the signal came between the check and the start
+                    worker.send(received[-1])
     if failed_to_start is not None:
         return failed_to_start
     return 0 if all(code == 0 for code in codes) else 1

@@ -1,5 +1,9 @@
 """Fixtures: a real redis-server per session (started here, on a free loopback port), names
-unique to each test, and async tests run on both asyncio and uvloop."""
+unique to each test, and async tests run on both asyncio and uvloop.
+
+$ASYNCSTREAMS_TEST_REDIS_SERVER picks the redis-server binary (e.g. the Redis 6.2 one from the
+`embedded` extra); $REDIS_URL points the tests that need no server of their own elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ def redis_server() -> Iterator[EmbeddedRedis | None]:
     if os.environ.get("REDIS_URL"):
         yield None
         return
-    with EmbeddedRedis() as server:
+    with EmbeddedRedis(binary=os.environ.get("ASYNCSTREAMS_TEST_REDIS_SERVER")) as server:
         yield server
 
 

@@ -458,3 +458,33 @@ async def test_consumer_names_are_unique_and_overridable(
         await wait_drained(client, names.stream, names.group)
     consumers = await client.xinfo_consumers(names.stream, names.group)
     assert [c["name"] for c in consumers] == ["fixed-name"]
+
+
+async def test_a_cancelled_read_never_leaves_a_reply_on_its_connection(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    from asyncstreams._redis import GroupReader, create_client
+
+    await client.xgroup_create(names.stream, names.group, id="0", mkstream=True)
+    app_client = create_client(redis_url, max_connections=2)
+    reader = GroupReader(app_client, [names.stream], names.group, "c", block_ms=5_000)
+    try:
+        with anyio.move_on_after(0.2):
+            await reader.read(10)  # blocks: the stream is empty
+        # The reply of the cut read may still arrive: the connection must be gone with it.
+        conn = reader._conn
+        assert conn is None or not conn.is_connected
+        entry_id = await client.xadd(names.stream, {"n": "1"})
+        entries = await reader.read(10)
+        # The new read sees the entry, unless the server handed it to the cut read before it
+        # noticed the disconnect: then it is pending for this consumer (never lost), and the
+        # recovery of the consumer's own pending entries delivers it again.
+        read = [(stream, entry.decode(), flat) for stream, entry, flat, _ in entries]
+        pending = await client.xpending_range(names.stream, names.group, "-", "+", 10, "c")
+        if read:
+            assert read == [(names.stream, entry_id, [b"n", b"1"])]
+        else:
+            assert [p["message_id"] for p in pending] == [entry_id]
+    finally:
+        await reader.close()
+        await app_client.aclose()

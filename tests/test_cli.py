@@ -1,0 +1,793 @@
+"""The CLI as users run it: `python -m asyncstreams run module:app` as a child process against
+a real redis-server, stopped with real signals.
+
+These are plain sync tests: each runs child processes and waits on them, so running it on both
+asyncio and uvloop would only double the waiting. Redis is checked with the sync client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+import pytest
+import redis
+
+from asyncstreams.embedded import EmbeddedRedis, free_port
+
+from .conftest import Names
+from .helpers import CliProcess, app_env, read_ledger
+
+LEDGER_APP = "tests.apps.ledger_app:app"
+TYPED_APP = "tests.apps.typed_app:app"
+URL_APP = "tests.apps.url_app:app"
+RUNNING = "asyncstreams running 1 consumer(s)"
+SECRET = "s3cret"
+
+StartCli = Callable[..., CliProcess]
+
+
+# -- fixtures and helpers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path) -> Iterator[StartCli]:
+    """Start `python -m asyncstreams ARGS...`; every process started is gone after the test."""
+    started: list[CliProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> CliProcess:
+        log_path = tmp_path / f"cli-{len(started)}.log"
+        cli = CliProcess(list(args), env=env, log_path=log_path)
+        started.append(cli)
+        return cli
+
+    try:
+        yield start
+    finally:
+        for cli in started:
+            cli.stop()
+
+
+def wait_until(
+    check: Callable[[], bool], *, what: str, timeout: float = 15.0, cli: CliProcess | None = None
+) -> None:
+    """Poll `check` until it is true; fail naming `what` (and showing `cli`'s output)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if cli is not None and cli.process.poll() is not None:
+            raise AssertionError(
+                f"process exited ({cli.process.returncode}) while waiting for {what}:\n"
+                + cli.output()
+            )
+        if time.monotonic() > deadline:
+            output = f":\n{cli.output()}" if cli is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{output}")
+        time.sleep(0.02)
+
+
+def exit_code(cli: CliProcess, timeout: float = 20.0) -> int:
+    """Wait for `cli` to exit; fail showing its output if it is still running after `timeout`."""
+    try:
+        return cli.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {timeout} s later:\n{cli.output()}") from None
+
+
+def stop(cli: CliProcess, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    cli.signal(signum)
+    return exit_code(cli, timeout)
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split("-")
+    return int(milliseconds), int(sequence)
+
+
+def publish(client: redis.Redis, stream: str, count: int) -> list[str]:
+    with client.pipeline(transaction=False) as pipe:
+        for n in range(count):
+            pipe.xadd(stream, {"n": str(n)})
+        return list(pipe.execute())
+
+
+def pending(client: redis.Redis, stream: str, group: str) -> int:
+    return int(client.xpending(stream, group)["pending"])
+
+
+def group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+    groups = {info["name"]: info for info in client.xinfo_groups(stream)}
+    return groups[group]
+
+
+def drained(client: redis.Redis, stream: str, group: str) -> bool:
+    """True when the group has read every entry of the stream and none is pending."""
+    try:
+        info = group_info(client, stream, group)
+    except (redis.ResponseError, KeyError):
+        return False  # no stream or no group yet
+    last = client.xinfo_stream(stream)["last-generated-id"]
+    return bool(info["pending"] == 0 and info["last-delivered-id"] == last)
+
+
+def wait_drained(
+    client: redis.Redis, stream: str, group: str, cli: CliProcess, timeout: float = 20.0
+) -> None:
+    wait_until(
+        lambda: drained(client, stream, group), what=f"{stream} drained", timeout=timeout, cli=cli
+    )
+
+
+def is_gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def worker_pids(output: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"started worker \d+ \(pid (\d+)\)", output)}
+
+
+def consumer_names(output: str) -> list[str]:
+    return re.findall(r"consuming streams=\S+ group=\S+ consumer=(\S+)", output)
+
+
+def read_typed_ledger(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ledger_env(names: Names, ledger: Path, **settings: object) -> dict[str, str]:
+    return app_env(streams=names.stream, group=names.group, ledger=ledger, **settings)
+
+
+# -- errors at start ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "expected"),
+    [
+        pytest.param(
+            ["run", "tests.apps.ledger_app"],
+            2,
+            ['invalid target "tests.apps.ledger_app"', 'expected "module:attribute"'],
+            id="no-colon",
+        ),
+        pytest.param(
+            ["run", ":app"],
+            2,
+            ['invalid target ":app"', 'expected "module:attribute"'],
+            id="no-module-part",
+        ),
+        pytest.param(
+            ["run", "tests.apps.no_such_module:app"],
+            2,
+            [
+                'cannot import "tests.apps.no_such_module:app": '
+                'no module named "tests.apps.no_such_module"',
+                'expected "module:attribute"',
+            ],
+            id="missing-module",
+        ),
+        pytest.param(
+            ["run", "no_such_package.tasks:app"],
+            2,
+            ['cannot import "no_such_package.tasks:app": no module named "no_such_package"'],
+            id="missing-package",
+        ),
+        pytest.param(
+            ["run", "tests.apps.ledger_app:ap"],
+            2,
+            [
+                'cannot import "tests.apps.ledger_app:ap": '
+                'module "tests.apps.ledger_app" has no attribute "ap"; '
+                'expected "module:attribute"'
+            ],
+            id="missing-attribute",
+        ),
+        pytest.param(
+            ["run", "tests.apps.ledger_app:app.nope"],
+            2,
+            ['module "tests.apps.ledger_app" has no attribute "app.nope"'],
+            id="missing-dotted-attribute",
+        ),
+        pytest.param(
+            ["run", "tests.apps.ledger_app:handle"],
+            2,
+            ['"tests.apps.ledger_app:handle" is function', "expected an asyncstreams App"],
+            id="not-an-app",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--workers", "0"],
+            2,
+            ["argument --workers: expected at least 1, got '0'"],
+            id="workers-0",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--workers", "two"],
+            2,
+            ["argument --workers: expected a whole number, got 'two'"],
+            id="workers-not-a-number",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--grace-period", "-1"],
+            2,
+            ["argument --grace-period: expected seconds >= 0, got '-1'"],
+            id="grace-period-negative",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--grace-period", "nan"],
+            2,
+            ["argument --grace-period: expected seconds >= 0, got 'nan'"],
+            id="grace-period-nan",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--url", "ftp://x"],
+            2,
+            ["argument --url:", "one of redis://, rediss://, unix://", "got ftp:// in ftp://x"],
+            id="url-scheme",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--url", f"ftp://user:{SECRET}@x/0"],
+            2,
+            ["argument --url:", "got ftp:// in ftp://user:***@x/0"],
+            id="url-scheme-with-password",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--embedded", "--url", "redis://127.0.0.1:1/0"],
+            2,
+            ["asyncstreams: error: --embedded and --url exclude each other"],
+            id="embedded-and-url",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--loop", "trio"],
+            2,
+            ["argument --loop: invalid choice: 'trio'"],
+            id="loop-unknown",
+        ),
+        pytest.param(
+            ["run"],
+            2,
+            ["the following arguments are required: target"],
+            id="no-target",
+        ),
+    ],
+)
+def test_usage_errors_exit_2_saying_what_was_expected(
+    start_cli: StartCli, args: list[str], code: int, expected: list[str]
+) -> None:
+    cli = start_cli(*args)
+
+    assert exit_code(cli, timeout=15) == code, cli.output()
+    output = cli.output()
+    for text in expected:
+        assert text in output
+    assert "Traceback" not in output
+    assert SECRET not in output
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(
+            "tests.apps.raising_app:app",
+            ["raising_app.py", "RuntimeError: raising_app fails on import, on purpose"],
+            id="raises",
+        ),
+        pytest.param(
+            "tests.apps.missing_dependency_app:app",
+            [
+                "missing_dependency_app.py",
+                "ModuleNotFoundError: No module named 'asyncstreams_test_no_such_dependency'",
+            ],
+            id="imports-a-missing-module",
+        ),
+    ],
+)
+def test_module_failing_on_import_shows_its_traceback(
+    start_cli: StartCli, target: str, expected: list[str]
+) -> None:
+    cli = start_cli("run", target)
+
+    assert exit_code(cli, timeout=15) != 0
+    output = cli.output()
+    assert "Traceback (most recent call last)" in output
+    for text in expected:
+        assert text in output
+    # The module was found: the error must not claim it is missing.
+    assert 'cannot import "' not in output
+
+
+def test_unreachable_redis_exits_1_with_one_line_and_no_password(
+    start_cli: StartCli, names: Names, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"redis://user:{SECRET}@127.0.0.1:{port}/0"
+    ledger = tmp_path / "ledger.jsonl"
+
+    cli = start_cli("run", LEDGER_APP, "--url", url, env=ledger_env(names, ledger))
+
+    assert exit_code(cli, timeout=30) == 1, cli.output()
+    output = cli.output()
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert lines[0].startswith(f"asyncstreams: error: cannot reach Redis at 127.0.0.1:{port}: ")
+    assert SECRET not in output
+    assert not ledger.exists()
+
+
+def test_unreachable_redis_with_workers_stops_all_before_start(
+    start_cli: StartCli, names: Names, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"redis://user:{SECRET}@127.0.0.1:{port}/0"
+    ledger = tmp_path / "ledger.jsonl"
+
+    cli = start_cli(
+        "run", LEDGER_APP, "--url", url, "--workers", "2", env=ledger_env(names, ledger)
+    )
+
+    code = exit_code(cli, timeout=30)
+    output = cli.output()
+    assert code != 0, output
+    assert f"asyncstreams: error: cannot reach Redis at 127.0.0.1:{port}: " in output
+    stopped_all = r"worker \d \(pid \d+\) exited with code 1 before it started; stopping all"
+    assert re.search(stopped_all, output)
+    assert "restarting it" not in output
+    assert SECRET not in output
+    assert all(is_gone(pid) for pid in worker_pids(output))
+
+
+# -- consuming ------------------------------------------------------------------------------
+
+
+def test_seed_producer_feeds_typed_handler(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "typed.jsonl"
+    env = {
+        "TYPED_APP_STREAM": names.stream,
+        "TYPED_APP_GROUP": names.group,
+        "TYPED_APP_LEDGER": str(ledger),
+    }
+    cli = start_cli("run", TYPED_APP, "--url", redis_url, env=env)
+    cli.wait_for_output(RUNNING)
+
+    # The seed guide's producer, as written there.
+    produced: dict[str, tuple[str, str, str]] = {}
+    for n in range(20):
+        task_id, data, created_at = str(uuid.uuid4()), f"payload {n}", str(time.time())
+        entry_id = redis_client.xadd(
+            names.stream,
+            {"task_id": task_id, "data": data, "created_at": created_at},
+            maxlen=1000,
+            approximate=True,
+        )
+        produced[str(entry_id)] = (task_id, data, created_at)
+    wait_drained(redis_client, names.stream, names.group, cli)
+
+    assert stop(cli) == 0, cli.output()
+    records = read_typed_ledger(ledger)
+    assert sorted((record["id"] for record in records), key=id_key) == list(produced)
+    for record in records:
+        task_id, data, created_at = produced[record["id"]]
+        assert record["task_id"] == task_id
+        assert record["data"] == data
+        assert record["created_at_type"] == "float"
+        assert record["created_at"] == float(created_at)
+        assert (record["stream"], record["group"], record["deliveries"]) == (
+            names.stream,
+            names.group,
+            1,
+        )
+    assert pending(redis_client, names.stream, names.group) == 0
+    assert ": stopped; 20 acked, 0 failed, 0 cancelled, 0 never started" in cli.output()
+
+
+# -- stopping -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("signum", "loop"),
+    [
+        pytest.param(signal.SIGTERM, "auto", id="SIGTERM-auto-loop"),
+        pytest.param(signal.SIGINT, "asyncio", id="SIGINT-asyncio-loop"),
+    ],
+)
+def test_first_signal_drains_what_was_delivered(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+    signum: signal.Signals,
+    loop: str,
+) -> None:
+    ids = publish(redis_client, names.stream, 40)
+    ledger = tmp_path / "ledger.jsonl"
+    env = ledger_env(names, ledger, concurrency=4, batch_size=10, sleep=0.5)
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, "--loop", loop, env=env)
+    wait_until(lambda: len(read_ledger(ledger)) >= 1, what="a handler run", cli=cli)
+
+    assert stop(cli, signum) == 0, cli.output()
+    output = cli.output()
+    runs = read_ledger(ledger)
+    handled = [run.id for run in runs]
+    assert f"{signum.name} received: stopping" in output
+    assert [run.id for run in runs if run.end is None] == []
+    assert len(handled) == len(set(handled)), "an entry was handled twice"
+    assert pending(redis_client, names.stream, names.group) == 0
+    # Everything the group delivered was handled; the rest was never read and waits there.
+    last_delivered = group_info(redis_client, names.stream, names.group)["last-delivered-id"]
+    delivered = ids[: ids.index(last_delivered) + 1]
+    assert sorted(handled, key=id_key) == delivered
+    assert len(delivered) < len(ids)
+    assert redis_client.xlen(names.stream) == len(ids)
+    summary = f": stopped; {len(runs)} acked, 0 failed, 0 cancelled, 0 never started"
+    assert summary in output
+
+
+@pytest.mark.parametrize(
+    ("flags", "app_grace"),
+    [
+        pytest.param(["--grace-period", "1"], 30, id="grace-period-flag-over-app"),
+        pytest.param([], 1, id="grace-period-of-the-app"),
+    ],
+)
+def test_handler_past_grace_period_is_cancelled_and_stays_pending(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+    flags: list[str],
+    app_grace: float,
+) -> None:
+    ids = publish(redis_client, names.stream, 10)
+    ledger = tmp_path / "ledger.jsonl"
+    # Room for concurrency + batch_size = 6 delivered entries: 4 running, 2 waiting to start.
+    env = ledger_env(names, ledger, concurrency=4, batch_size=2, sleep=60, grace=app_grace)
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, *flags, env=env)
+    wait_until(
+        lambda: (
+            len(read_ledger(ledger)) == 4 and pending(redis_client, names.stream, names.group) == 6
+        ),
+        what="4 handlers running and 6 entries delivered",
+        cli=cli,
+    )
+
+    sent = time.monotonic()
+    assert stop(cli) == 0, cli.output()
+    elapsed = time.monotonic() - sent
+    output = cli.output()
+    assert 1.0 <= elapsed < 5.0, f"stopped {elapsed:.2f} s after SIGTERM with a 1 s grace period"
+    runs = read_ledger(ledger)
+    assert len(runs) == 4
+    assert all(run.end is None for run in runs)
+    assert ": stopped; 0 acked, 0 failed, 4 cancelled, 2 never started" in output
+    [consumer] = consumer_names(output)
+    entries = redis_client.xpending_range(names.stream, names.group, "-", "+", 100)
+    assert [entry["message_id"] for entry in entries] == ids[:6]
+    assert {run.id for run in runs} <= {entry["message_id"] for entry in entries}
+    assert {entry["consumer"] for entry in entries} == {consumer}
+    assert {entry["times_delivered"] for entry in entries} == {1}
+
+
+def test_second_signal_stops_at_once(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    publish(redis_client, names.stream, 4)
+    ledger = tmp_path / "ledger.jsonl"
+    env = ledger_env(names, ledger, concurrency=4, sleep=60)
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, "--grace-period", "60", env=env)
+    wait_until(lambda: len(read_ledger(ledger)) == 4, what="4 handlers running", cli=cli)
+
+    cli.signal(signal.SIGTERM)
+    cli.wait_for_output("SIGTERM received: stopping")
+    assert cli.process.poll() is None, "the first signal must wait for the handlers"
+    sent = time.monotonic()
+    cli.signal(signal.SIGTERM)
+    code = exit_code(cli, timeout=15)
+    elapsed = time.monotonic() - sent
+
+    output = cli.output()
+    assert code == 1, output
+    assert elapsed < 3.0, f"stopped {elapsed:.2f} s after the second SIGTERM"
+    assert "SIGTERM received again: stopping now" in output
+    assert all(run.end is None for run in read_ledger(ledger))
+    assert pending(redis_client, names.stream, names.group) == 4
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+def start_workers(
+    start_cli: StartCli, redis_url: str, names: Names, ledger: Path, *, sleep: float
+) -> CliProcess:
+    env = ledger_env(names, ledger, concurrency=2, sleep=sleep)
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, "--workers", "2", env=env)
+    wait_until(lambda: cli.output().count(RUNNING) == 2, what="2 workers running", cli=cli)
+    return cli
+
+
+def test_workers_share_the_group_and_stop_together(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_workers(start_cli, redis_url, names, ledger, sleep=0.05)
+    output = cli.output()
+    pids = worker_pids(output)
+    consumers = consumer_names(output)
+    assert len(pids) == 2
+    assert cli.pid not in pids
+    assert len(set(consumers)) == 2
+
+    ids = publish(redis_client, names.stream, 40)
+    wait_drained(redis_client, names.stream, names.group, cli)
+
+    runs = read_ledger(ledger)
+    assert sorted((run.id for run in runs), key=id_key) == ids, "each entry exactly once"
+    assert {run.pid for run in runs} == pids
+    registered = redis_client.xinfo_consumers(names.stream, names.group)
+    assert {consumer["name"] for consumer in registered} == set(consumers)
+
+    assert stop(cli) == 0, cli.output()
+    assert cli.output().count(": stopped; ") == 2
+    wait_until(lambda: all(is_gone(pid) for pid in pids), what="the workers gone", timeout=5)
+
+
+def test_worker_killed_after_start_is_restarted(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_workers(start_cli, redis_url, names, ledger, sleep=0.1)
+    first = publish(redis_client, names.stream, 20)
+    wait_drained(redis_client, names.stream, names.group, cli)  # the victim holds nothing
+    victim = read_ledger(ledger)[0].pid
+    assert victim in worker_pids(cli.output())
+    assert psutil.Process(victim).ppid() == cli.pid
+
+    os.kill(victim, signal.SIGKILL)
+    cli.wait_for_output(f"(pid {victim}) exited with code -9; restarting it")
+    wait_until(lambda: cli.output().count(RUNNING) == 3, what="the new worker running", cli=cli)
+    index = re.search(rf"worker (\d+) \(pid {victim}\) exited", cli.output())
+    assert index is not None
+    restarted = re.search(rf"restarted worker {index[1]} \(pid (\d+)\)", cli.output())
+    assert restarted is not None, cli.output()
+    new_pid = int(restarted[1])
+    assert new_pid != victim
+
+    later = publish(redis_client, names.stream, 40)
+    wait_drained(redis_client, names.stream, names.group, cli)
+
+    runs = read_ledger(ledger)
+    assert sorted((run.id for run in runs), key=id_key) == first + later, "each entry once"
+    later_pids = {run.pid for run in runs if run.id in set(later)}
+    assert new_pid in later_pids
+    assert victim not in later_pids
+    assert stop(cli) == 0, cli.output()
+
+
+def test_workers_second_signal_stops_at_once(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    env = ledger_env(names, ledger, concurrency=2, sleep=60)
+    args = ["run", LEDGER_APP, "--url", redis_url, "--workers", "2", "--grace-period", "60"]
+    cli = start_cli(*args, env=env)
+    wait_until(lambda: cli.output().count(RUNNING) == 2, what="2 workers running", cli=cli)
+    publish(redis_client, names.stream, 4)
+    wait_until(lambda: len(read_ledger(ledger)) >= 2, what="handlers running", cli=cli)
+    pids = worker_pids(cli.output())
+
+    cli.signal(signal.SIGTERM)
+    wait_until(
+        lambda: cli.output().count("SIGTERM received: stopping") == 2,
+        what="both workers stopping",
+        cli=cli,
+    )
+    sent = time.monotonic()
+    cli.signal(signal.SIGTERM)
+    code = exit_code(cli, timeout=15)
+    elapsed = time.monotonic() - sent
+
+    assert code == 1, cli.output()
+    assert elapsed < 3.0, f"stopped {elapsed:.2f} s after the second SIGTERM"
+    assert "SIGTERM received again: stopping now" in cli.output()
+    assert all(run.end is None for run in read_ledger(ledger))
+    wait_until(lambda: all(is_gone(pid) for pid in pids), what="the workers gone", timeout=5)
+
+
+def test_stop_signal_during_a_restart_stops_the_restarted_worker(
+    start_cli: StartCli, redis_url: str, names: Names, tmp_path: Path
+) -> None:
+    """A worker that dies within RESTART_INTERVAL of its start is restarted after a pause;
+    a SIGTERM that arrives during the pause must stop the supervisor all the same."""
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_workers(start_cli, redis_url, names, ledger, sleep=0)
+    [first] = re.findall(r"started worker 1 \(pid (\d+)\)", cli.output())
+    os.kill(int(first), signal.SIGKILL)
+    cli.wait_for_output("restarted worker 1 (pid ")
+    [second] = re.findall(r"restarted worker 1 \(pid (\d+)\)", cli.output())
+    wait_until(lambda: cli.output().count(RUNNING) == 3, what="worker 1 running again", cli=cli)
+    assert psutil.Process(int(second)).ppid() == cli.pid
+
+    # Dead within a second of its start: the supervisor pauses before starting it again, and
+    # the signal arrives during that pause (workers start in well under a second here).
+    os.kill(int(second), signal.SIGKILL)
+    cli.wait_for_output(f"(pid {second}) exited with code -9; restarting it")
+    assert stop(cli, timeout=10) == 0, cli.output()
+    pids = {int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\)", cli.output())}
+    wait_until(lambda: all(is_gone(pid) for pid in pids), what="every worker gone", timeout=5)
+
+
+def test_password_never_shown_by_a_running_supervisor_and_workers(
+    start_cli: StartCli, names: Names, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    # A private server, so that a password can be required. It is set once the server runs:
+    # EmbeddedRedis waits for a PONG, which a server started with --requirepass never sends.
+    with EmbeddedRedis() as server:
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_set("requirepass", SECRET)
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        client = redis.Redis.from_url(url, decode_responses=True, protocol=2)
+        try:
+            env = ledger_env(names, ledger)
+            args = ["run", LEDGER_APP, "--url", url, "--workers", "2", "--log-level", "debug"]
+            cli = start_cli(*args, env=env)
+            wait_until(lambda: cli.output().count(RUNNING) == 2, what="2 workers", cli=cli)
+            for pid in worker_pids(cli.output()):
+                assert SECRET not in " ".join(psutil.Process(pid).cmdline())
+            publish(client, names.stream, 10)
+            wait_drained(client, names.stream, names.group, cli)
+
+            assert stop(cli) == 0, cli.output()
+        finally:
+            client.close()
+    output = cli.output()
+    assert f"{RUNNING} on 127.0.0.1:{server.port}" in output
+    assert SECRET not in output
+    assert len(read_ledger(ledger)) == 10
+
+
+# -- embedded -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_embedded_redis_serves_the_app_and_stops_with_it(
+    start_cli: StartCli, names: Names, tmp_path: Path, workers: int
+) -> None:
+    ledger = tmp_path / "typed.jsonl"
+    env = {
+        "TYPED_APP_STREAM": names.stream,
+        "TYPED_APP_GROUP": names.group,
+        "TYPED_APP_LEDGER": str(ledger),
+        "TYPED_APP_PUBLISH": "5",
+        # --embedded wins over everything else; a wrong URL here must not matter.
+        "ASYNCSTREAMS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    cli = start_cli("run", TYPED_APP, "--embedded", "--workers", str(workers), env=env)
+    server_pid: int | None = None
+    port = 0
+    try:
+        wait_until(lambda: cli.output().count(RUNNING) == workers, what="running", cli=cli)
+        found = re.search(
+            r"embedded redis-server \S+ on redis://127\.0\.0\.1:(\d+)/0 \(pid (\d+)\)",
+            cli.output(),
+        )
+        assert found is not None, cli.output()
+        port, server_pid = int(found[1]), int(found[2])
+        assert psutil.Process(server_pid).ppid() == cli.pid
+        assert cli.output().count(f"{RUNNING} on 127.0.0.1:{port}") == workers
+        # Each process publishes 5 tasks from the app's lifespan; each task is handled once.
+        expected = sorted(f"self-{n}" for n in range(5) for _ in range(workers))
+        wait_until(
+            lambda: len(read_typed_ledger(ledger)) == len(expected), what="tasks handled", cli=cli
+        )
+
+        assert stop(cli) == 0, cli.output()
+        records = read_typed_ledger(ledger)
+        assert sorted(record["task_id"] for record in records) == expected
+        assert len({record["id"] for record in records}) == len(expected)
+        assert {record["created_at_type"] for record in records} == {"float"}
+        assert cli.output().count(": stopped; ") == workers
+        wait_until(lambda: is_gone(server_pid), what="the embedded redis-server gone", timeout=5)
+        with (
+            pytest.raises(ConnectionRefusedError),
+            socket.create_connection(("127.0.0.1", port), timeout=1),
+        ):
+            pass
+    finally:
+        cli.stop()
+        # Stopped by SIGKILL, the CLI could not stop its server: end it, if it is still there.
+        if server_pid is not None and not is_gone(server_pid):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                server = psutil.Process(server_pid)
+                if "redis-server" in server.name() and str(port) in server.cmdline():
+                    server.kill()
+
+
+# -- which URL ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "app_url", "env_url"),
+    [
+        pytest.param("real", None, "dead", id="flag-over-env"),
+        pytest.param(None, "real", "dead", id="app-over-env"),
+        pytest.param("real", "dead", "dead", id="flag-over-app"),
+        pytest.param(None, None, "real", id="env-alone"),
+    ],
+)
+def test_url_precedence(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+    flag: str | None,
+    app_url: str | None,
+    env_url: str,
+) -> None:
+    urls = {"real": redis_url, "dead": f"redis://127.0.0.1:{free_port()}/0"}
+    env = {"ASYNCSTREAMS_URL": urls[env_url]}
+    if app_url is None:
+        target = LEDGER_APP
+        env |= ledger_env(names, tmp_path / "ledger.jsonl")
+    else:
+        target = URL_APP
+        env |= {"URL_APP_URL": urls[app_url], "URL_APP_STREAM": names.stream}
+        env |= {"URL_APP_GROUP": names.group}
+    args = ["run", target] + (["--url", urls[flag]] if flag else [])
+    real = urlsplit(redis_url)
+
+    cli = start_cli(*args, env=env)
+    cli.wait_for_output(f"{RUNNING} on {real.hostname}:{real.port}")
+    publish(redis_client, names.stream, 3)
+    wait_drained(redis_client, names.stream, names.group, cli)
+
+    assert stop(cli) == 0, cli.output()
+    assert ": stopped; 3 acked" in cli.output()
