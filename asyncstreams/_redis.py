@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
@@ -49,6 +50,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def pack(args: tuple[str | int | float | bytes, ...]) -> bytes:
+    """A command in RESP, packed in C (several times faster than redis-py's packer)."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # stub: a 1-tuple
+    return packed
+
+
 def create_client(url: str, *, max_connections: int) -> Redis:
     """A client whose pool waits for a free connection instead of failing when all are busy."""
     try:
@@ -73,6 +80,12 @@ def create_client(url: str, *, max_connections: int) -> Redis:
 async def command(client: Redis, *args: Any) -> Any:
     """One Redis command through the pool (redis-py's own signature is untyped)."""
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def reserve_connections(client: Redis, total: int) -> None:
+    """Let the pool grow to at least `total` connections (consumers registered late)."""
+    pool = client.connection_pool
+    pool.max_connections = max(pool.max_connections, total)
 
 
 def describe(client: Redis) -> str:
@@ -113,29 +126,18 @@ async def ensure_group(client: Redis, stream: str, group: str, start_id: str) ->
         if str(exc).startswith("BUSYGROUP"):
             return False
         if str(exc).startswith("WRONGTYPE"):
-            found = await command(client, "TYPE", stream)
-            raise ConfigurationError(
-                f"key {stream!r}: expected a stream, found a {_text(found)}"
-            ) from None
+            raise await _not_a_stream(client, stream) from None
         raise
     return True
 
 
+async def _not_a_stream(client: Redis, stream: str) -> ConfigurationError:
+    found = _text(await command(client, "TYPE", stream))
+    return ConfigurationError(f"key {stream!r}: expected a stream, found a {found}")
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-async def ack(client: Redis, group: str, ids_by_stream: Mapping[str, list[bytes]]) -> None:
-    """XACK every id, one XACK per stream, sent together."""
-    batches = [(stream, ids) for stream, ids in ids_by_stream.items() if ids]
-    if len(batches) == 1:
-        stream, ids = batches[0]
-        await command(client, "XACK", stream, group, *ids)
-        return
-    async with client.pipeline(transaction=False) as pipe:
-        for stream, ids in batches:
-            pipe.execute_command("XACK", stream, group, *ids)
-        await pipe.execute()
 
 
 async def add(
@@ -146,39 +148,43 @@ async def add(
     maxlen: int | None,
     approximate: bool,
 ) -> str:
-    """XADD one entry; returns its id."""
+    """XADD one entry; returns its id.
+
+    Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when the
+    key holds something other than a stream.
+    """
     args: list[Any] = ["XADD", stream]
     if maxlen is not None:
         args += ["MAXLEN", "~" if approximate else "=", maxlen]
     args.append("*")
     for name, value in fields.items():
         args += [name, value]
-    entry_id = await command(client, *args)
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    try:
+        entry_id = await command(client, *args)
+    except (RedisError, OSError) as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            raise await _not_a_stream(client, stream) from None
+        if is_transient(exc):
+            raise RedisUnavailableError(
+                f"cannot publish to {stream!r}: Redis at {describe(client)} is unavailable: {exc}"
+            ) from exc
+        raise
+    return _text(entry_id)
 
 
-class GroupReader:
-    """XREADGROUP for one consumer on a pool connection that it keeps to itself.
+class Link:
+    """A pool connection that one task keeps to itself for the commands it sends all the time.
 
-    A blocking read holds its connection for up to BLOCK ms, so the reader never borrows a
-    connection that acks or publishes are waiting for. Two traps are designed out: the read
-    timeout is BLOCK plus the socket timeout (a plain socket timeout shorter than BLOCK would
-    fail every idle read), and a read that fails or is cancelled mid-reply drops its
-    connection, so no unread reply is ever left on a connection that is used again.
+    Commands are packed by hiredis. A command that fails or is cancelled before its reply is
+    read drops the connection, so no unread reply is ever left on a connection that is used
+    again; the next call connects afresh. Error replies leave the connection clean.
     """
 
-    def __init__(
-        self, client: Redis, streams: Iterable[str], group: str, consumer: str, block_ms: int
-    ) -> None:
-        names = tuple(streams)
+    def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
         self._conn: AbstractConnection | None = None
-        self._head = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
-        self._tail = ("BLOCK", block_ms, "STREAMS", *names, *(">" for _ in names))
-        self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
-        self._names = {name.encode(): name for name in names}
         self.client_id: int | None = None
-        self.blocked = False
+        self.busy = False
 
     async def _connection(self) -> AbstractConnection:
         conn = self._conn
@@ -193,24 +199,70 @@ class GroupReader:
             await conn.send_command("CLIENT", "ID")
             self.client_id = int(await conn.read_response())
         except ResponseError:
-            pass  # no permission for CLIENT ID: a stop then waits out the BLOCK instead
+            pass  # no permission for CLIENT ID: see GroupReader.unblock
         return conn
 
-    async def read(self, count: int) -> list[Entry]:
-        """Entries never delivered to the group before, at most `count` per stream."""
+    async def call(self, packed: bytes, timeout: float = SOCKET_TIMEOUT, replies: int = 1) -> Any:
+        """Send packed commands and return the last reply, undecoded.
+
+        `replies` is how many commands `packed` holds; every reply is read before the first
+        error reply is raised, so the connection stays clean.
+        """
         conn = await self._connection()
-        await conn.send_command(*self._head, count, *self._tail)
-        self.blocked = True
+        self.busy = True
         try:
-            async with asyncio.timeout(self._timeout):
-                reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+            await conn.send_packed_command(packed, check_health=False)
+            error: ResponseError | None = None
+            async with asyncio.timeout(timeout):
+                for _ in range(replies):
+                    try:
+                        reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+                    except ResponseError as exc:
+                        error = error or exc
+            if error is not None:
+                raise error
+            return reply
         except ResponseError:
-            raise  # a complete error reply: the connection is clean
+            raise
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         finally:
-            self.blocked = False
+            self.busy = False
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
+
+
+class GroupReader:
+    """XREADGROUP for one consumer on a Link of its own.
+
+    A blocking read holds its connection for up to BLOCK ms, so the reader never borrows a
+    connection that acks or publishes are waiting for. The read timeout is BLOCK plus the
+    socket timeout: a plain socket timeout shorter than BLOCK would cut every idle read.
+    """
+
+    def __init__(
+        self, client: Redis, streams: Iterable[str], group: str, consumer: str, block_ms: int
+    ) -> None:
+        names = tuple(streams)
+        self._link = Link(client)
+        self._head: tuple[str, ...] = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
+        self._tail: tuple[str | int, ...] = ("BLOCK", block_ms, "STREAMS", *names)
+        self._tail += tuple(">" for _ in names)
+        self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
+        self._names = {name.encode(): name for name in names}
+
+    @property
+    def blocked(self) -> bool:
+        """True from sending XREADGROUP until its reply is read."""
+        return self._link.busy
+
+    async def read(self, count: int) -> list[Entry]:
+        """Entries never delivered to the group before, at most `count` per stream."""
+        reply = await self._link.call(pack((*self._head, count, *self._tail)), self._timeout)
         if not reply:
             return []
         names = self._names
@@ -223,12 +275,33 @@ class GroupReader:
         ]
 
     async def unblock(self, client: Redis) -> None:
-        """Make a blocked read return now, empty, as if its BLOCK timed out (best effort)."""
-        if self.blocked and self.client_id is not None:
+        """Make a blocked read return now, empty, as if its BLOCK timed out (best effort).
+
+        Without permission for CLIENT ID or CLIENT UNBLOCK the read just runs out its BLOCK.
+        """
+        client_id = self._link.client_id
+        if self.blocked and client_id is not None:
             with contextlib.suppress(RedisError, OSError):
-                await command(client, "CLIENT", "UNBLOCK", self.client_id)
+                await command(client, "CLIENT", "UNBLOCK", client_id)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._pool.release(conn)
+        await self._link.close()
+
+
+class Acker:
+    """XACK for one consumer, on a Link of its own: one XACK per stream, pipelined."""
+
+    def __init__(self, client: Redis, group: str) -> None:
+        self._link = Link(client)
+        self._group = group
+
+    async def ack(self, ids_by_stream: Mapping[str, list[bytes]]) -> None:
+        group = self._group
+        commands = [
+            pack(("XACK", stream, group, *ids)) for stream, ids in ids_by_stream.items() if ids
+        ]
+        if commands:
+            await self._link.call(b"".join(commands), replies=len(commands))
+
+    async def close(self) -> None:
+        await self._link.close()

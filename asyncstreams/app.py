@@ -180,12 +180,21 @@ class App:
         Replies are bytes (the client does not decode responses).
         """
         if self._client is None:
-            # Each consumer's blocking read keeps a connection of its own on top.
-            readers = len(self._registrations)
             self._client = _redis.create_client(
-                self.url, max_connections=self._options.max_connections + readers
+                self.url, max_connections=self._options.max_connections + self._own_connections
             )
         return self._client
+
+    @property
+    def _own_connections(self) -> int:
+        # Each consumer keeps two connections of its own on top of the shared ones: its
+        # blocking reads and its acks never wait for one another or for a handler's command.
+        return 2 * len(self._registrations)
+
+    @property
+    def running(self) -> bool:
+        """True from the start of `serve()` (or `async with app`) until it returns."""
+        return self._stop is not None
 
     async def aclose(self) -> None:
         """Close the app's Redis client and its pool (a new one is made if used again)."""
@@ -233,15 +242,17 @@ class App:
         if self._stop_requested:
             stop.set()
         client = self.redis
+        _redis.reserve_connections(client, self._options.max_connections + self._own_connections)
         try:
             await _redis.check_reachable(client)
+            consumers = [
+                Consumer(r.plan, r.options, client, r.options.consumer or self.consumer_name)
+                for r in self._registrations
+            ]
+            # Groups first: what the lifespan publishes is read even by a group at "$".
+            for consumer in consumers:
+                await consumer.ensure_groups()
             async with self._lifespan(self):
-                consumers = [
-                    Consumer(r.plan, r.options, client, r.options.consumer or self.consumer_name)
-                    for r in self._registrations
-                ]
-                for consumer in consumers:
-                    await consumer.ensure_groups()
                 async with anyio.create_task_group() as tg:
                     for consumer in consumers:
                         await tg.start(consumer.run, stop, self.grace_period)

@@ -239,7 +239,7 @@ def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]
 
     def decode(flat: list[bytes]) -> Any:
         fields = decode_fields(flat)
-        for key in nested.intersection(fields):
+        for key in nested.intersection(fields) if nested else ():
             try:
                 fields[key] = json_decode(fields[key])
             except msgspec.DecodeError as exc:

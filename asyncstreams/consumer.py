@@ -24,7 +24,7 @@ import anyio
 
 from . import _redis
 from ._backoff import Backoff, Outage
-from ._redis import Entry, GroupReader, Redis
+from ._redis import Acker, Entry, GroupReader, Redis
 from .codec import HandlerPlan
 from .options import ConsumerOptions
 
@@ -61,6 +61,7 @@ class Consumer:
         self._outage = Outage(log, self._where)
         self._invoke = plan.bind(options.group, name)
         self._reader = GroupReader(client, options.streams, options.group, name, options.block_ms)
+        self._acker = Acker(client, options.group)
         self._n_streams = len(options.streams)
         self._limit = options.concurrency + options.batch_size
         self._outstanding = 0
@@ -283,7 +284,7 @@ class Consumer:
                 acks[stream] = []
             count, self._ack_count = self._ack_count, 0
             try:
-                await _redis.ack(self._client, self.options.group, batch)
+                await self._acker.ack(batch)
             except BaseException as exc:
                 if _redis.is_nogroup(exc):
                     log.warning("%s: %d acks dropped: the group is gone", self._where, count)
@@ -353,6 +354,7 @@ class Consumer:
         await asyncio.gather(flusher, return_exceptions=True)
         with anyio.move_on_after(FINAL_FLUSH_TIMEOUT):
             await self._flush()
+        await self._acker.close()
         unacked = self._ack_count
         stats = self.stats
         log.info(

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from ._process import die_with_parent
 from .errors import AsyncstreamsError
 
 START_TIMEOUT = 10.0
@@ -116,7 +117,14 @@ class EmbeddedRedis:
             "--logfile", str(self.log_path),
             *self.args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C meant for the owner must not stop the server under it;
+            # the owner stops it when done, and Linux stops it if the owner dies first.
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

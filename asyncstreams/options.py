@@ -85,8 +85,9 @@ class ConsumerOptions:
 class AppOptions:
     """Process-wide settings of an App.
 
-    `max_connections` is the shared part of the connection pool (acks, publish, handlers'
-    own commands); each consumer's blocking read gets a connection of its own on top.
+    `max_connections` is the shared part of the connection pool (publish, group set-up,
+    handlers' own commands); each consumer keeps two more of its own, for its blocking reads
+    and for its acks.
     """
 
     url: str | None = None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ from types import FrameType
 
 import anyio
 
+from ._process import die_with_parent
 from .app import App, OnStarted
 from .embedded import EmbeddedRedis
 from .errors import AsyncstreamsError
@@ -157,12 +157,6 @@ def _embedded_redis(config: RunConfig) -> Iterator[str | None]:
 # -- workers ---------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: SIGTERM this worker if the supervisor dies without stopping it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class _Worker:
     """One worker process of a supervisor, and the pipe it reports readiness on."""
 
@@ -185,7 +179,7 @@ class _Worker:
                 env=env,
                 pass_fds=(write_end,),
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which forwards it
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=die_with_parent(),
             )
         finally:
             os.close(write_end)

@@ -472,7 +472,7 @@ async def test_a_cancelled_read_never_leaves_a_reply_on_its_connection(
         with anyio.move_on_after(0.2):
             await reader.read(10)  # blocks: the stream is empty
         # The reply of the cut read may still arrive: the connection must be gone with it.
-        conn = reader._conn
+        conn = reader._link._conn
         assert conn is None or not conn.is_connected
         entry_id = await client.xadd(names.stream, {"n": "1"})
         entries = await reader.read(10)
