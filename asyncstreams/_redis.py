@@ -11,7 +11,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 import redis.asyncio as aioredis
@@ -82,6 +82,22 @@ async def command(client: Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
+async def raw(client: Redis, *args: str | int | bytes) -> Any:
+    """One command through the pool, its reply as Redis sent it (no redis-py reply parsing)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command(pack(args), check_health=False)
+        return await conn.read_response(disable_decoding=True)
+    except ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)  # no reply may be left behind on a pooled connection
+        raise
+    finally:
+        await pool.release(conn)
+
+
 def reserve_connections(client: Redis, total: int) -> None:
     """Let the pool grow to at least `total` connections (consumers registered late)."""
     pool = client.connection_pool
@@ -118,7 +134,7 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("BUSY ")
 
 
-async def ensure_group(client: Redis, stream: str, group: str, start_id: str) -> bool:
+async def ensure_group(client: Redis, stream: str, group: str, start_id: str | bytes) -> bool:
     """Create `group` on `stream` at `start_id` (and the stream if missing); True if created."""
     try:
         await command(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
@@ -254,6 +270,8 @@ class GroupReader:
         self._tail += tuple(">" for _ in names)
         self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
         self._names = {name.encode(): name for name in names}
+        # The last entry id read from each stream: where a deleted group is recreated.
+        self.last_ids: dict[str, bytes] = {}
 
     @property
     def blocked(self) -> bool:
@@ -268,11 +286,13 @@ class GroupReader:
         names = self._names
         # RESP2: [[stream, entries], ...]; RESP3: {stream: entries}.
         streams = reply.items() if isinstance(reply, dict) else reply
-        return [
-            (names[name], entry_id, flat, 1)
-            for name, entries in streams
-            for entry_id, flat in entries
-        ]
+        result: list[Entry] = []
+        for name, entries in streams:
+            stream = names[name]
+            result += [(stream, entry_id, flat, 1) for entry_id, flat in entries]
+            if entries:
+                self.last_ids[stream] = entries[-1][0]
+        return result
 
     async def unblock(self, client: Redis) -> None:
         """Make a blocked read return now, empty, as if its BLOCK timed out (best effort).
@@ -305,3 +325,130 @@ class Acker:
 
     async def close(self) -> None:
         await self._link.close()
+
+
+# -- recovery: pending entries, claims, dead letters -------------------------------------
+
+
+class Pending(NamedTuple):
+    """One entry of a consumer's pending entries list (PEL), as XPENDING reports it."""
+
+    id: bytes
+    idle_ms: int
+    deliveries: int
+
+
+async def pending(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    start: bytes | str = "-",
+    end: bytes | str = "+",
+    count: int,
+) -> list[Pending]:
+    """XPENDING ... IDLE: `consumer`'s pending entries idle at least `min_idle_ms`, by id."""
+    reply = await raw(
+        client, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
+    )
+    return [Pending(_bytes(entry_id), int(idle), int(count)) for entry_id, _, idle, count in reply]
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+# A claimed entry: its id and its fields.
+Claimed = tuple[bytes, list[bytes]]
+
+
+async def claim(
+    client: Redis, stream: str, group: str, consumer: str, ids: list[bytes], *, min_idle_ms: int
+) -> list[Claimed]:
+    """XCLAIM `ids` still idle at least `min_idle_ms`: each delivery counter grows by one.
+
+    Entries deleted (trimmed) while pending come back without fields on Redis 6.2 and not at
+    all on Redis 7; either way they are left out here: see `missing`.
+    """
+    reply = await raw(client, "XCLAIM", stream, group, consumer, min_idle_ms, *ids)
+    return [(_bytes(entry[0]), entry[1]) for entry in reply if entry and entry[1] is not None]
+
+
+async def missing(client: Redis, stream: str, ids: list[bytes]) -> list[bytes]:
+    """Those of `ids` no longer in the stream (deleted by XDEL, MAXLEN or XTRIM)."""
+    gone = []
+    for entry_id in ids:
+        if not await raw(client, "XRANGE", stream, entry_id, entry_id):
+            gone.append(entry_id)
+    return gone
+
+
+async def autoclaim(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    cursor: bytes,
+    count: int,
+) -> tuple[bytes, list[Claimed], int]:
+    """XAUTOCLAIM: (next cursor, claimed entries, how many were found deleted).
+
+    Redis 7 drops deleted entries from the PEL itself and lists their ids; Redis 6.2 replies
+    nil for them and leaves them pending, for this consumer's own sweep to find.
+    """
+    reply = await raw(
+        client, "XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count
+    )
+    entries = [(_bytes(entry[0]), entry[1]) for entry in reply[1] if entry and entry[1] is not None]
+    deleted = len(reply[2]) if len(reply) > 2 else len(reply[1]) - len(entries)
+    return _bytes(reply[0]), entries, deleted
+
+
+async def renew(client: Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> None:
+    """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID)."""
+    await raw(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+
+
+async def ack_one(client: Redis, stream: str, group: str, ids: list[bytes]) -> None:
+    await raw(client, "XACK", stream, group, *ids)
+
+
+async def move(
+    client: Redis,
+    stream: str,
+    group: str,
+    entry_id: bytes,
+    target: str,
+    fields: list[bytes | str],
+) -> None:
+    """XADD `fields` to `target` and XACK `entry_id`, in one MULTI: never both, never neither."""
+    async with client.pipeline(transaction=True) as multi:
+        multi.execute_command("XADD", target, "*", *fields)
+        multi.execute_command("XACK", stream, group, entry_id)
+        await multi.execute()
+
+
+class ConsumerInfo(NamedTuple):
+    name: str
+    pending: int
+    idle_ms: int
+
+
+async def consumers(client: Redis, stream: str, group: str) -> list[ConsumerInfo]:
+    """XINFO CONSUMERS: each consumer of the group, its pending count and idle time."""
+    reply = await raw(client, "XINFO", "CONSUMERS", stream, group)
+    result = []
+    for item in reply:
+        info = dict(zip(item[::2], item[1::2], strict=True)) if isinstance(item, list) else item
+        info = {_text(key): value for key, value in info.items()}
+        result.append(ConsumerInfo(_text(info["name"]), int(info["pending"]), int(info["idle"])))
+    return result
+
+
+async def delete_consumer(client: Redis, stream: str, group: str, name: str) -> int:
+    """XGROUP DELCONSUMER; returns how many pending entries it dropped (we only ask at 0)."""
+    return int(await raw(client, "XGROUP", "DELCONSUMER", stream, group, name))

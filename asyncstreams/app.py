@@ -24,9 +24,16 @@ from .errors import ConfigurationError
 from .options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_MS,
+    DEFAULT_CLAIM_IDLE_MS,
     DEFAULT_CONCURRENCY,
+    DEFAULT_DEAD_LETTER,
+    DEFAULT_DELETE_IDLE_CONSUMERS_AFTER,
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_RETRY_DELAY,
+    DEFAULT_RETRY_MAX_DELAY,
     DEFAULT_START_ID,
     AppOptions,
     ConsumerOptions,
@@ -108,6 +115,13 @@ class App:
         batch_size: int = DEFAULT_BATCH_SIZE,
         block_ms: int = DEFAULT_BLOCK_MS,
         start_id: str = DEFAULT_START_ID,
+        max_deliveries: int | None = DEFAULT_MAX_DELIVERIES,
+        retry_delay: float = DEFAULT_RETRY_DELAY,
+        retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
+        dead_letter: str | None = DEFAULT_DEAD_LETTER,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+        delete_idle_consumers_after: float | None = DEFAULT_DELETE_IDLE_CONSUMERS_AFTER,
     ) -> Callable[[H], H]:
         """Register the decorated `async def` to handle the entries of `streams` in `group`.
 
@@ -115,7 +129,9 @@ class App:
         from the entry's fields, `Message` gets the envelope, `dict[str, str]` gets the fields.
         Up to `concurrency` handlers run at once; each XREADGROUP asks for up to `batch_size`
         entries and blocks up to `block_ms`. A new group starts at `start_id` ("0": the whole
-        stream; "$": only entries added from now on). The handler is returned unchanged.
+        stream; "$": only entries added from now on). Retries, the dead-letter stream and
+        claiming are set by the other options: see `ConsumerOptions`. The handler is
+        returned unchanged.
         """
         names = (streams,) if isinstance(streams, str) else tuple(streams)
         options = ConsumerOptions(
@@ -126,6 +142,13 @@ class App:
             batch_size=batch_size,
             block_ms=block_ms,
             start_id=start_id,
+            max_deliveries=max_deliveries,
+            retry_delay=retry_delay,
+            retry_max_delay=retry_max_delay,
+            dead_letter=dead_letter,
+            claim_idle_ms=claim_idle_ms,
+            max_payload_bytes=max_payload_bytes,
+            delete_idle_consumers_after=delete_idle_consumers_after,
         )
 
         def register(handler: H) -> H:

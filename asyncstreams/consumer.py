@@ -1,12 +1,16 @@
-"""One registered handler at run time: a reader, a pool of handler workers, an ack flusher.
+"""One registered handler at run time: a reader, a pool of handler workers, an ack flusher,
+and the recovery of pending entries (see recovery.py).
 
-    XREADGROUP -> queue -> workers (at most `concurrency` handlers at once) -> ack batch -> XACK
-                    ^                                                              |
-                    +------------- room freed when the XACK is answered -----------+
+    XREADGROUP / XCLAIM -> queue -> workers (at most `concurrency` at once) -> ack batch -> XACK
+                             ^                            | raised               |
+                             |                            v                      |
+                             |          stays pending: retried, or dead-lettered |
+                             +--------- room freed when the XACK is answered ----+
 
 Backpressure lives in one number, `_outstanding`: entries delivered to this consumer and not
-yet acked (queued, running, or waiting in the ack batch). The reader asks Redis for no more
-than `concurrency + batch_size - _outstanding`, so memory stays flat under any backlog.
+yet done with (queued, running, or waiting in the ack batch). Neither the reader nor the
+recovery asks Redis for more than `concurrency + batch_size - _outstanding`, so memory stays
+flat under any backlog.
 
 The per-entry path uses plain asyncio futures and a deque rather than anyio primitives:
 a fixed pool of worker tasks pulling from a deque costs no task creation per entry.
@@ -25,8 +29,12 @@ import anyio
 from . import _redis
 from ._backoff import Backoff, Outage
 from ._redis import Acker, Entry, GroupReader, Redis
+from ._tasks import cancel_and_wait
 from .codec import HandlerPlan
+from .deadletter import Reason, dead_letter
+from .errors import DecodeError
 from .options import ConsumerOptions
+from .recovery import Recovery
 
 log = logging.getLogger("asyncstreams.consumer")
 
@@ -34,14 +42,22 @@ log = logging.getLogger("asyncstreams.consumer")
 ACK_INTERVAL = 0.002
 # How long the final ack flush at shutdown may take before the rest is left pending.
 FINAL_FLUSH_TIMEOUT = 5.0
+# How long the consumer's own tasks get to stop once cancelled.
+STOP_TIMEOUT = 5.0
 
 
 @dataclass(slots=True)
 class Stats:
     acked: int = 0
-    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
     cancelled: int = 0
     left_pending: int = 0
+
+
+class _TooLarge(Exception):
+    """An entry larger than max_payload_bytes."""
 
 
 class Consumer:
@@ -53,28 +69,35 @@ class Consumer:
         self.plan = plan
         self.options = options
         self.name = name
+        self.client = client
         self.stats = Stats()
-        self._client = client
-        self._where = (
+        self.where = (
             f"{plan.name} [{','.join(options.streams)} group={options.group} consumer={name}]"
         )
-        self._outage = Outage(log, self._where)
+        self.failure: BaseException | None = None
+        self._outage = Outage(log, self.where)
         self._invoke = plan.bind(options.group, name)
         self._reader = GroupReader(client, options.streams, options.group, name, options.block_ms)
         self._acker = Acker(client, options.group)
+        self._recovery = Recovery(self)
         self._n_streams = len(options.streams)
         self._limit = options.concurrency + options.batch_size
         self._outstanding = 0
         self._queue: deque[Entry] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
+        self._current: list[Entry | None] = [None] * options.concurrency
         self._top_up_scheduled = False
-        self._room: asyncio.Future[None] | None = None
+        self._room_waiters: list[asyncio.Future[None]] = []
         self._drained: asyncio.Future[None] | None = None
         self._acks: dict[str, list[bytes]] = {stream: [] for stream in options.streams}
+        self._acking: dict[str, list[bytes]] = {}
         self._ack_count = 0
         self._ack_due = asyncio.Event()
         self._stopping = False
-        self.failure: BaseException | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def run(
         self,
@@ -83,7 +106,7 @@ class Consumer:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume until `stop` is set, then shut down in order; see `_shutdown`.
+        """Consume until `stop` is set, then shut down in order (see `_shutdown`).
 
         If one of the consumer's own tasks fails, the failure is kept in `failure` and `stop`
         is set, so the whole app stops gracefully and reports it.
@@ -95,8 +118,9 @@ class Consumer:
             task.add_done_callback(lambda t: self._watch(t, what, stop))
             return task
 
-        workers = [start(self._work(), "worker") for _ in range(self.options.concurrency)]
+        workers = [start(self._work(i), "worker") for i in range(self.options.concurrency)]
         flusher = start(self._flush_loop(), "ack flusher")
+        recovery = start(self._recovery.run(), "recovery")
         reader = start(self._read_loop(), "reader")
         log.info(
             "consuming streams=%s group=%s consumer=%s concurrency=%d batch_size=%d handler=%s",
@@ -110,11 +134,11 @@ class Consumer:
         task_status.started()
         try:
             await stop.wait()
-            await self._stop_reading(reader)
+            await self._stop_reading(reader, recovery)
             await self._drain(grace_period)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._shutdown(reader, workers, flusher)
+                await self._shutdown([reader, recovery, *workers, flusher])
 
     def _watch(self, task: asyncio.Task[None], what: str, stop: anyio.Event) -> None:
         if task.cancelled() or task.exception() is None:
@@ -122,53 +146,25 @@ class Consumer:
         exc = task.exception()
         if self.failure is None:
             self.failure = exc
-        log.error("%s: the %s failed; stopping the app", self._where, what, exc_info=exc)
+        log.error("%s: the %s failed; stopping the app", self.where, what, exc_info=exc)
         stop.set()
 
     async def ensure_groups(self) -> None:
-        """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine)."""
+        """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine).
+
+        A group recreated after it was deleted starts after the last entry this consumer
+        read, not at `start_id`: what was handled is not delivered again.
+        """
         options = self.options
         for stream in options.streams:
-            if await _redis.ensure_group(self._client, stream, options.group, options.start_id):
-                log.info(
-                    "created group %s on stream %s at %s", options.group, stream, options.start_id
-                )
+            start_id = self._reader.last_ids.get(stream, options.start_id)
+            if await _redis.ensure_group(self.client, stream, options.group, start_id):
+                log.info("created group %s on stream %s at %s", options.group, stream, start_id)
 
-    # -- reading -----------------------------------------------------------------------
-
-    async def _read_loop(self) -> None:
-        reader = self._reader
-        backoff = Backoff()
-        loop = asyncio.get_running_loop()
-        batch_size = self.options.batch_size
-        n_streams = self._n_streams
-        try:
-            while not self._stopping:
-                if not self._may_read():
-                    self._room = loop.create_future()
-                    await self._room
-                    self._room = None
-                    continue
-                # COUNT applies per stream: never ask for more than there is room for.
-                room = self._limit - self._outstanding
-                count = min(batch_size, room) // n_streams
-                try:
-                    entries = await reader.read(count)
-                except Exception as exc:
-                    if not await self._recover(exc, backoff):
-                        raise
-                    continue
-                backoff.reset()
-                self._outage.end()
-                if entries:
-                    self._dispatch(entries)
-        finally:
-            await reader.close()
-
-    async def _recover(self, exc: Exception, backoff: Backoff) -> bool:
+    async def recover(self, exc: Exception, backoff: Backoff) -> bool:
         """Ride out what Redis may get over; False for an error that retrying cannot fix."""
         if _redis.is_nogroup(exc):
-            log.warning("%s: the stream or group is gone (%s); recreating it", self._where, exc)
+            log.warning("%s: the stream or group is gone (%s); recreating it", self.where, exc)
             try:
                 await self.ensure_groups()
                 return True
@@ -179,6 +175,66 @@ class Consumer:
         self._outage.begin(exc)
         await asyncio.sleep(backoff.next_delay())
         return True
+
+    # -- room --------------------------------------------------------------------------
+
+    def room(self) -> int:
+        """How many more entries this consumer may take on."""
+        return self._limit - self._outstanding
+
+    def _may_read(self) -> bool:
+        """Read a full batch when there is room for one, or less rather than let workers idle."""
+        room = self._limit - self._outstanding
+        return room >= self.options.batch_size or (not self._queue and room >= self._n_streams)
+
+    async def wait_for_room(self) -> int:
+        """Wait until a batch may be taken on (or the consumer stops); returns the room."""
+        while not self._may_read() and not self._stopping:
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            await waiter
+        return self.room()
+
+    def _release(self, n: int) -> None:
+        """`n` delivered entries are done with (acked, or left to Redis): room for more."""
+        self._outstanding -= n
+        if self._room_waiters and self._may_read():
+            self._wake_room_waiters()
+
+    def _wake_room_waiters(self) -> None:
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        backoff = Backoff()
+        batch_size = self.options.batch_size
+        n_streams = self._n_streams
+        # The consumer's own pending entries come first (a restart under the same name).
+        await self._recovery.first_pass_done.wait()
+        try:
+            while not self._stopping:
+                if not self._may_read():
+                    await self.wait_for_room()
+                    continue
+                # COUNT applies per stream: never ask for more than there is room for.
+                count = min(batch_size, self.room()) // n_streams
+                try:
+                    entries = await reader.read(count)
+                except Exception as exc:
+                    if not await self.recover(exc, backoff):
+                        raise
+                    continue
+                backoff.reset()
+                self._outage.end()
+                if entries:
+                    self._dispatch(entries)
+        finally:
+            await reader.close()
 
     def _dispatch(self, entries: list[Entry]) -> None:
         self._outstanding += len(entries)
@@ -203,28 +259,48 @@ class Consumer:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _may_read(self) -> bool:
-        """Read a full batch when there is room for one, or less rather than let workers idle."""
-        room = self._limit - self._outstanding
-        return room >= self.options.batch_size or (not self._queue and room >= self._n_streams)
+    async def admit(self, stream: str, entries: list[tuple[bytes, list[bytes], int]]) -> None:
+        """Take on claimed entries: run them, or dead-letter those out of deliveries."""
+        held = self.in_flight(stream)
+        limit = self.options.max_deliveries
+        runnable: list[Entry] = []
+        for entry_id, flat, deliveries in entries:
+            if entry_id in held:
+                continue  # already ours and on its way: never run one entry twice at once
+            entry = (stream, entry_id, flat, deliveries)
+            if limit is not None and deliveries > limit:
+                await self._reject(
+                    entry,
+                    Reason.FAILED,
+                    None,
+                    f"delivered {deliveries} times (max_deliveries={limit}) without being "
+                    "acked: its consumer kept failing, crashing or being stopped",
+                )
+            else:
+                runnable.append(entry)
+        if runnable:
+            self._dispatch(runnable)
 
-    def _release(self, n: int) -> None:
-        """`n` delivered entries are done with (acked or given up): room for more."""
-        self._outstanding -= n
-        room = self._room
-        if room is not None and not room.done() and self._may_read():
-            room.set_result(None)
+    def in_flight(self, stream: str) -> set[bytes]:
+        """Ids of the entries of `stream` this consumer holds: queued, running, being acked."""
+        held = {entry[1] for entry in self._queue if entry[0] == stream}
+        held.update(entry[1] for entry in self._current if entry is not None and entry[0] == stream)
+        held.update(self._acks[stream])
+        held.update(self._acking.get(stream, ()))
+        return held
 
     # -- handling ----------------------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _work(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         queue = self._queue
         idle = self._idle
+        current = self._current
         invoke = self._invoke
         acks = self._acks
         ack_due = self._ack_due
         ack_threshold = self.options.batch_size
+        max_payload = self.options.max_payload_bytes
         n_workers = self.options.concurrency
         while True:
             if not queue:
@@ -235,36 +311,123 @@ class Consumer:
                 idle.append(waiter)
                 await waiter
                 continue
-            stream, entry_id, flat, deliveries = queue.popleft()
+            entry = current[index] = queue.popleft()
+            stream, entry_id, flat, deliveries = entry
             try:
+                if max_payload is not None and sum(map(len, flat)) > max_payload:
+                    raise _TooLarge(
+                        f"entry is {sum(map(len, flat))} bytes, more than "
+                        f"max_payload_bytes={max_payload}"
+                    )
                 await invoke(stream, entry_id, flat, deliveries)
             except asyncio.CancelledError:
                 self.stats.cancelled += 1
                 raise
             except Exception as exc:
-                self._failed(stream, entry_id, deliveries, exc)
+                await self._failed(entry, exc)
+                current[index] = None
                 continue
             acks[stream].append(entry_id)
+            current[index] = None
             self._ack_count += 1
-            if self._ack_count >= ack_threshold or self._room is not None:
+            if self._ack_count >= ack_threshold or self._room_waiters:
                 ack_due.set()
             elif self._ack_count == 1:
                 loop.call_later(ACK_INTERVAL, ack_due.set)
 
-    def _failed(self, stream: str, entry_id: bytes, deliveries: int, exc: Exception) -> None:
-        """The handler raised or its input did not decode: the entry stays pending."""
-        self.stats.failed += 1
-        log.error(
-            "%s: handler failed on entry %s of %s (delivery %d); left pending: %s: %s",
-            self._where,
-            entry_id.decode(),
-            stream,
-            deliveries,
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
+    async def _failed(self, entry: Entry, exc: Exception) -> None:
+        """The handler raised, or the entry cannot be handled: retry, or dead-letter it."""
+        stream, entry_id, _, deliveries = entry
+        limit = self.options.max_deliveries
+        try:
+            if isinstance(exc, _TooLarge):
+                await self._reject(entry, Reason.TOO_LARGE, None, str(exc))
+            elif isinstance(exc, DecodeError):
+                await self._reject(entry, Reason.UNDECODABLE, exc)
+            elif limit is not None and deliveries >= limit:
+                log.error(
+                    "%s: handler failed on entry %s of %s on its last delivery (%d of %d)",
+                    self.where,
+                    entry_id.decode(),
+                    stream,
+                    deliveries,
+                    limit,
+                    exc_info=exc,
+                )
+                await self._reject(entry, Reason.FAILED, exc)
+            else:
+                self.stats.retried += 1
+                log.warning(
+                    "%s: handler failed on entry %s of %s (delivery %d of %s); it stays "
+                    "pending and runs again after a backoff: %s: %s",
+                    self.where,
+                    entry_id.decode(),
+                    stream,
+                    deliveries,
+                    limit or "unlimited",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
+        finally:
+            self._release(1)
+
+    async def _reject(
+        self, entry: Entry, reason: str, exc: BaseException | None, message: str = ""
+    ) -> None:
+        """Move an entry to the dead-letter stream (XADD + XACK in one MULTI).
+
+        Without a dead-letter stream, or when the move fails, the entry stays pending.
+        """
+        stream, entry_id, flat, deliveries = entry
+        target = self.options.dead_letter_stream(stream)
+        letter = dead_letter(
+            stream=stream,
+            entry_id=entry_id,
+            group=self.options.group,
+            consumer=self.name,
+            deliveries=deliveries,
+            reason=reason,
+            error=exc,
+            message=message,
         )
-        self._release(1)
+        what = f"{letter.reason}: {letter.error + ': ' if letter.error else ''}{letter.message}"
+        if target is None:
+            self.stats.parked += 1
+            log.error(
+                "%s: entry %s of %s left pending, not run again (no dead-letter stream); %s",
+                self.where,
+                letter.id,
+                stream,
+                what,
+            )
+            return
+        try:
+            await _redis.move(
+                self.client, stream, self.options.group, entry_id, target, letter.fields(flat)
+            )
+        except Exception as move_failed:
+            log.error(
+                "%s: could not move entry %s of %s to %s (%s: %s); it stays pending; %s",
+                self.where,
+                letter.id,
+                stream,
+                target,
+                type(move_failed).__name__,
+                move_failed,
+                what,
+            )
+            return
+        self.stats.dead_lettered += 1
+        log.error(
+            "%s: entry %s of %s moved to dead-letter stream %s after %d deliveries; %s",
+            self.where,
+            letter.id,
+            stream,
+            target,
+            deliveries,
+            what,
+        )
 
     # -- acking ------------------------------------------------------------------------
 
@@ -283,11 +446,12 @@ class Consumer:
             for stream in batch:
                 acks[stream] = []
             count, self._ack_count = self._ack_count, 0
+            self._acking = batch
             try:
                 await self._acker.ack(batch)
             except BaseException as exc:
                 if _redis.is_nogroup(exc):
-                    log.warning("%s: %d acks dropped: the group is gone", self._where, count)
+                    log.warning("%s: %d acks dropped: the group is gone", self.where, count)
                     self._release(count)
                     continue
                 # Keep them, oldest first: XACK is idempotent, so sending them again is safe.
@@ -299,29 +463,31 @@ class Consumer:
                 self._outage.begin(exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            else:
-                self.stats.acked += count
-                self._outage.end()
+            finally:
+                self._acking = {}
+            self.stats.acked += count
+            self._outage.end()
             self._release(count)
 
     # -- stopping ----------------------------------------------------------------------
 
-    async def _stop_reading(self, reader: asyncio.Task[None]) -> None:
+    async def _stop_reading(self, reader: asyncio.Task[None], recovery: asyncio.Task[None]) -> None:
         """Stop asking for entries without losing a reply that is already on its way."""
         self._stopping = True
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
-        deadline = asyncio.get_running_loop().time() + self.options.block_ms / 1000 + 1
-        while not reader.done():
+        self._wake_room_waiters()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.block_ms / 1000 + 1
+        while not reader.done() and loop.time() < deadline:
             if not self._reader.blocked:
-                reader.cancel()  # waiting for room or backing off: nothing in flight
-            elif asyncio.get_running_loop().time() > deadline:
-                reader.cancel()
-            else:
-                # CLIENT UNBLOCK makes XREADGROUP return as if BLOCK ran out: no entry is
-                # delivered to a reply we would drop.
-                await self._reader.unblock(self._client)
+                break  # waiting for room or backing off: nothing in flight to lose
+            # CLIENT UNBLOCK makes XREADGROUP return as if BLOCK ran out: no entry is
+            # delivered to a reply we would drop.
+            await self._reader.unblock(self.client)
             await asyncio.wait([reader], timeout=0.05)
+        # The recovery stops after the step it is in (claimed entries are not left behind).
+        if self._recovery.busy:
+            await asyncio.wait([recovery], timeout=_redis.SOCKET_TIMEOUT)
+        await cancel_and_wait([reader, recovery], STOP_TIMEOUT)
 
     async def _drain(self, grace_period: float) -> None:
         """Let the handlers finish what was delivered, for at most `grace_period` seconds."""
@@ -331,37 +497,36 @@ class Consumer:
         with anyio.move_on_after(grace_period):
             await self._drained
 
-    async def _shutdown(
-        self,
-        reader: asyncio.Task[None],
-        workers: list[asyncio.Task[None]],
-        flusher: asyncio.Task[None],
-    ) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """The shutdown order, from wherever `run` was left (stop requested or cancelled):
 
-        1. stop reading (if `_stop_reading` did not get to it),
+        1. stop reading and claiming (if `_stop_reading` did not get to it),
         2. cancel the handlers still running: their entries stay pending, not acked, not lost,
         3. flush the acks of everything that finished, within FINAL_FLUSH_TIMEOUT,
         4. log one summary line.
         """
         self._stopping = True
-        reader.cancel()
         self.stats.left_pending = len(self._queue)
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(reader, *workers, return_exceptions=True)
-        flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
+        stuck = await cancel_and_wait(tasks, STOP_TIMEOUT)
+        if stuck:
+            log.error(
+                "%s: %d tasks did not stop within %.0f s of being cancelled (a handler that "
+                "swallows cancellation?); their entries stay pending",
+                self.where,
+                len(stuck),
+                STOP_TIMEOUT,
+            )
         with anyio.move_on_after(FINAL_FLUSH_TIMEOUT):
             await self._flush()
         await self._acker.close()
         unacked = self._ack_count
         stats = self.stats
         log.info(
-            "%s: stopped; %d acked, %d failed, %d cancelled, %d never started%s",
-            self._where,
+            "%s: stopped; %d acked, %d retried, %d dead-lettered, %d cancelled, %d never started%s",
+            self.where,
             stats.acked,
-            stats.failed,
+            stats.retried,
+            stats.dead_lettered,
             stats.cancelled,
             stats.left_pending,
             f", {unacked} acks not sent (entries stay pending)" if unacked else "",

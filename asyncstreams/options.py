@@ -19,6 +19,14 @@ DEFAULT_BLOCK_MS = 2_000
 DEFAULT_START_ID = "0"
 DEFAULT_GRACE_PERIOD = 10.0
 DEFAULT_MAX_CONNECTIONS = 32
+# Delivery guarantees (see README, "Delivery guarantees").
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_RETRY_DELAY = 1.0
+DEFAULT_RETRY_MAX_DELAY = 30.0
+DEFAULT_DEAD_LETTER = "{stream}:dead-letter"
+DEFAULT_CLAIM_IDLE_MS = 60_000
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+DEFAULT_DELETE_IDLE_CONSUMERS_AFTER = 3600.0
 
 
 def _positive_int(owner: str, name: str, value: object) -> None:
@@ -38,12 +46,22 @@ def _name(owner: str, what: str, value: object) -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConsumerOptions:
-    """How one handler consumes: which streams, as which group and consumer, how much at once.
+    """How one handler consumes: which streams, as which group and consumer, how much at once,
+    and what happens to entries that fail.
 
     `concurrency` bounds the handlers running at once; `batch_size` is the most entries one
     XREADGROUP asks for. Entries delivered to the consumer and not yet acked never number more
     than `concurrency + batch_size`. `start_id` is only where a new group starts reading;
     entries are always read with `>`.
+
+    An entry whose handler raises stays pending and runs again after `retry_delay` seconds,
+    doubling up to `retry_max_delay` (with jitter), until Redis has delivered it
+    `max_deliveries` times (None: no limit); then it moves to the `dead_letter` stream
+    (`{stream}` is replaced by the stream's name; None: no dead-letter stream, the entry is
+    left pending). Entries that cannot be decoded or are larger than `max_payload_bytes` move
+    there at once. Entries other consumers of the group left idle for `claim_idle_ms` are
+    claimed; consumers idle for `delete_idle_consumers_after` seconds with nothing pending
+    are deleted from the group (None: never).
     """
 
     streams: tuple[str, ...]
@@ -53,6 +71,13 @@ class ConsumerOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     block_ms: int = DEFAULT_BLOCK_MS
     start_id: str = DEFAULT_START_ID
+    max_deliveries: int | None = DEFAULT_MAX_DELIVERIES
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
+    dead_letter: str | None = DEFAULT_DEAD_LETTER
+    claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS
+    max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
+    delete_idle_consumers_after: float | None = DEFAULT_DELETE_IDLE_CONSUMERS_AFTER
 
     def __post_init__(self) -> None:
         owner = "consumer"
@@ -74,11 +99,41 @@ class ConsumerOptions:
                 f'{owner}: start_id must be "0", "$" or an entry id, got ">" '
                 '(">" is what XREADGROUP reads with, not where a group starts)'
             )
+        if self.max_deliveries is not None:
+            _positive_int(owner, "max_deliveries", self.max_deliveries)
+        _non_negative_number(owner, "retry_delay", self.retry_delay)
+        _non_negative_number(owner, "retry_max_delay", self.retry_max_delay)
+        if self.retry_max_delay < self.retry_delay:
+            raise ConfigurationError(
+                f"{owner}: retry_max_delay ({self.retry_max_delay!r}) must be at least "
+                f"retry_delay ({self.retry_delay!r})"
+            )
+        if self.dead_letter is not None:
+            _name(owner, "dead_letter", self.dead_letter)
+            for stream in self.streams:
+                if self.dead_letter_stream(stream) in self.streams:
+                    raise ConfigurationError(
+                        f"{owner}: dead_letter {self.dead_letter!r} names a stream this "
+                        f"consumer reads ({stream!r}); expected another stream"
+                    )
+        _positive_int(owner, "claim_idle_ms", self.claim_idle_ms)
+        if self.max_payload_bytes is not None:
+            _positive_int(owner, "max_payload_bytes", self.max_payload_bytes)
+        if self.delete_idle_consumers_after is not None:
+            _non_negative_number(
+                owner, "delete_idle_consumers_after", self.delete_idle_consumers_after
+            )
         if self.concurrency + self.batch_size < len(self.streams):
             raise ConfigurationError(
                 f"{owner}: concurrency + batch_size ({self.concurrency + self.batch_size}) "
                 f"must be at least the number of streams ({len(self.streams)})"
             )
+
+    def dead_letter_stream(self, stream: str) -> str | None:
+        """The dead-letter stream for entries of `stream`, or None without one."""
+        if self.dead_letter is None:
+            return None
+        return self.dead_letter.replace("{stream}", stream)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -42,8 +42,7 @@ async def drained(client: aioredis.Redis, stream: str, group: str) -> bool:
     groups = {g["name"]: g for g in await client.xinfo_groups(stream)}
     group_info = groups[group]
     return bool(
-        group_info["pending"] == 0
-        and group_info["last-delivered-id"] == info["last-generated-id"]
+        group_info["pending"] == 0 and group_info["last-delivered-id"] == info["last-generated-id"]
     )
 
 

@@ -407,7 +407,10 @@ def test_seed_producer_feeds_typed_handler(
             1,
         )
     assert pending(redis_client, names.stream, names.group) == 0
-    assert ": stopped; 20 acked, 0 failed, 0 cancelled, 0 never started" in cli.output()
+    assert (
+        ": stopped; 20 acked, 0 retried, 0 dead-lettered, 0 cancelled, 0 never started"
+        in cli.output()
+    )
 
 
 # -- stopping -------------------------------------------------------------------------------
@@ -449,7 +452,9 @@ def test_first_signal_drains_what_was_delivered(
     assert sorted(handled, key=id_key) == delivered
     assert len(delivered) < len(ids)
     assert redis_client.xlen(names.stream) == len(ids)
-    summary = f": stopped; {len(runs)} acked, 0 failed, 0 cancelled, 0 never started"
+    summary = (
+        f": stopped; {len(runs)} acked, 0 retried, 0 dead-lettered, 0 cancelled, 0 never started"
+    )
     assert summary in output
 
 
@@ -490,7 +495,7 @@ def test_handler_past_grace_period_is_cancelled_and_stays_pending(
     runs = read_ledger(ledger)
     assert len(runs) == 4
     assert all(run.end is None for run in runs)
-    assert ": stopped; 0 acked, 0 failed, 4 cancelled, 2 never started" in output
+    assert ": stopped; 0 acked, 0 retried, 0 dead-lettered, 4 cancelled, 2 never started" in output
     [consumer] = consumer_names(output)
     entries = redis_client.xpending_range(names.stream, names.group, "-", "+", 100)
     assert [entry["message_id"] for entry in entries] == ids[:6]

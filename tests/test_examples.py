@@ -137,7 +137,7 @@ def test_task_queue_example_runs_until_sigterm(
     counts = handled_counts(output)
     assert counts == list(range(1, len(counts) + 1)), output
     assert len(counts) >= 5
-    summary = re.search(r"stopped; (\d+) acked, 0 failed, 0 cancelled", output)
+    summary = re.search(r"stopped; (\d+) acked, 0 retried, 0 dead-lettered, 0 cancelled", output)
     assert summary is not None, output
     assert int(summary.group(1)) == counts[-1]
     assert sync_client.xpending(names.stream, "task_consumers")["pending"] == 0
@@ -172,7 +172,7 @@ def test_task_queue_example_handles_the_producers_and_the_guides_entries(
         "Process this data: 1",
     ]
     assert "publishing a task" not in output
-    assert "stopped; 3 acked, 0 failed, 0 cancelled" in output
+    assert "stopped; 3 acked, 0 retried, 0 dead-lettered, 0 cancelled" in output
 
 
 def test_producer_publishes_tasks(redis_url: str, names: Names, sync_client: redis.Redis) -> None:

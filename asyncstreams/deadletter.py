@@ -1,0 +1,99 @@
+"""The dead-letter stream's entry format: the original fields, and metadata beside them.
+
+A dead-letter entry keeps every field of the original entry and adds metadata fields whose
+names start with `!dlq:` (stream, id, group, consumer, deliveries, reason, error, message,
+time). So that no original field can collide with those names, an original field name that
+starts with `!` gets one more `!` in front; `original_fields` undoes it. The mapping is
+one-to-one: metadata names start with one `!`, escaped originals with two.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+PREFIX = b"!dlq:"
+_ESCAPE = b"!"
+
+
+class Reason:
+    """Why an entry was dead-lettered (the `!dlq:reason` field)."""
+
+    FAILED = "failed"  # the handler raised on its last allowed delivery
+    UNDECODABLE = "undecodable"  # the fields do not decode into what the handler takes
+    TOO_LARGE = "too-large"  # the entry is larger than max_payload_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Why and where from: the metadata of one dead-letter entry."""
+
+    stream: str
+    id: str
+    group: str
+    consumer: str
+    deliveries: int
+    reason: str
+    error: str
+    message: str
+    time_ms: int
+
+    def fields(self, original: list[bytes]) -> list[bytes | str]:
+        """The dead-letter entry's flat field list: metadata first, then the original."""
+        meta: dict[bytes, str | int] = {
+            b"stream": self.stream,
+            b"id": self.id,
+            b"group": self.group,
+            b"consumer": self.consumer,
+            b"deliveries": self.deliveries,
+            b"reason": self.reason,
+            b"error": self.error,
+            b"message": self.message,
+            b"time": self.time_ms,
+        }
+        flat: list[bytes | str] = []
+        for name, value in meta.items():
+            flat += [PREFIX + name, str(value)]
+        for index in range(0, len(original), 2):
+            name = original[index]
+            flat += [_ESCAPE + name if name.startswith(_ESCAPE) else name, original[index + 1]]
+        return flat
+
+
+def dead_letter(
+    *,
+    stream: str,
+    entry_id: bytes,
+    group: str,
+    consumer: str,
+    deliveries: int,
+    reason: str,
+    error: BaseException | None,
+    message: str = "",
+) -> DeadLetter:
+    return DeadLetter(
+        stream=stream,
+        id=entry_id.decode(),
+        group=group,
+        consumer=consumer,
+        deliveries=deliveries,
+        reason=reason,
+        error=type(error).__name__ if error is not None else "",
+        message=message or (str(error) if error is not None else ""),
+        time_ms=int(time.time() * 1000),
+    )
+
+
+def split(flat: list[bytes]) -> tuple[dict[str, str], list[bytes]]:
+    """A dead-letter entry's (metadata, original flat fields)."""
+    meta: dict[str, str] = {}
+    original: list[bytes] = []
+    for index in range(0, len(flat), 2):
+        name, value = flat[index], flat[index + 1]
+        if name.startswith(PREFIX):
+            meta[name[len(PREFIX) :].decode()] = value.decode(errors="replace")
+        elif name.startswith(_ESCAPE):
+            original += [name[1:], value]
+        else:
+            original += [name, value]
+    return meta, original

@@ -1,0 +1,59 @@
+"""What a run of the suite does: scenarios, sizes, repeats. `--quick` shrinks everything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_SCENARIOS = ("drain", "io", "latency", "publish", "workers", "payload")
+# Opt-in only: a 1,000,000-entry backlog takes a while to write and to drain.
+OPTIONAL_SCENARIOS = ("memory",)
+ALL_SCENARIOS = DEFAULT_SCENARIOS + OPTIONAL_SCENARIOS
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Sizes are entries unless named otherwise; sizes in bytes are field names plus values."""
+
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
+    url: str | None = None
+    out: Path = RESULTS_DIR
+    repeat: int = 3
+    quick: bool = False
+    drain_entries: int = 200_000
+    # FastStream's per-message subscriber handles a couple of thousand entries a second:
+    # it drains at most this many (the first entries of the same data set).
+    faststream_entries: int = 20_000
+    io_entries: int = 20_000
+    io_concurrency: tuple[int, ...] = (16, 64, 256)
+    payload_entries: dict[int, int] = field(
+        default_factory=lambda: {100: 20_000, 1_000: 20_000, 10_000: 5_000}
+    )
+    latency_rates: tuple[int, ...] = (2_000, 20_000)
+    latency_seconds: float = 10.0
+    publish_entries: int = 20_000
+    workers: tuple[int, ...] = (1, 2)
+    memory_entries: int = 1_000_000
+    entry_size: int = 100
+
+    @property
+    def workers_entries(self) -> int:
+        return self.drain_entries
+
+
+def quick_config(**overrides: object) -> Config:
+    """Small sizes, one repeat, short latency runs: the whole suite in well under a minute."""
+    base: dict[str, object] = {
+        "quick": True,
+        "repeat": 1,
+        "drain_entries": 10_000,
+        "faststream_entries": 2_000,
+        "io_entries": 2_000,
+        "payload_entries": {100: 2_000, 1_000: 2_000, 10_000: 1_000},
+        "latency_seconds": 1.0,
+        "publish_entries": 2_000,
+        "memory_entries": 50_000,
+    }
+    base.update(overrides)
+    return Config(**base)  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""asyncstreams under test: an App with one consumer, run with `async with app`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from asyncstreams import App, ConfigurationError, Message
+
+from ..ledger import Sink
+from ..payload import Task, task
+from ..specs import ConsumeSpec, PublishSpec
+
+BATCH_SIZE = 500  # batch handlers read as FastStream's batch subscriber does: 500 at a time
+
+
+def batch_handlers() -> str | None:
+    """None if a handler may take `list[Task]` (a batch); otherwise why not."""
+    app = App("redis://127.0.0.1:1/0")  # never connects: registering only plans the handler
+
+    async def probe(tasks: list[Task]) -> None:
+        return None
+
+    try:
+        app.consumer("probe", group="probe")(probe)
+    except ConfigurationError:
+        return "asyncstreams has no batch handlers yet (a list[Task] parameter is refused)"
+    return None
+
+
+def publish_many() -> str | None:
+    """None if `App.publish_many` exists; otherwise why not."""
+    if hasattr(App, "publish_many"):
+        return None
+    return "App.publish_many does not exist yet"
+
+
+def _handler(shape: str, sink: Sink) -> Callable[..., Awaitable[None]]:
+    record = sink.record
+    delay = sink.delay
+    sleep = asyncio.sleep
+
+    if shape == "struct":
+
+        async def handle_task(task: Task) -> None:
+            record(task.task_id, task.created_at)
+            if delay:
+                await sleep(delay)
+
+        return handle_task
+    if shape == "fields":
+
+        async def handle_fields(fields: dict[str, str]) -> None:
+            record(fields["task_id"], fields["created_at"])
+            if delay:
+                await sleep(delay)
+
+        return handle_fields
+    if shape == "message":
+
+        async def handle_message(msg: Message) -> None:
+            fields = msg.fields
+            record(fields["task_id"], fields["created_at"])
+            if delay:
+                await sleep(delay)
+
+        return handle_message
+
+    async def handle_batch(tasks: list[Task]) -> None:
+        for one in tasks:
+            record(one.task_id, one.created_at)
+        if delay:
+            await sleep(delay)
+
+    return handle_batch
+
+
+@asynccontextmanager
+async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
+    app = App(spec.url)
+    options: dict[str, Any] = {"group": spec.group, "consumer": f"bench-{os.getpid()}"}
+    if spec.concurrency:
+        options["concurrency"] = spec.concurrency
+    if spec.batch_size:
+        options["batch_size"] = spec.batch_size
+    elif spec.shape == "batch":
+        options["batch_size"] = BATCH_SIZE
+    app.consumer(spec.stream, **options)(_handler(spec.shape, sink))
+    async with app:
+        yield
+
+
+async def publish(spec: PublishSpec) -> float:
+    """Publish `spec.entries` tasks; returns the seconds it took (payloads made beforehand)."""
+    app = App(spec.url)
+    now = time.time()
+    tasks = [task(seq, spec.size, now) for seq in range(spec.entries)]
+    try:
+        await app.redis.ping()  # connect before the clock starts
+        started = time.perf_counter()
+        if spec.method == "asyncstreams-publish":
+            for one in tasks:
+                await app.publish(spec.stream, one)
+        else:
+            many = getattr(app, "publish_many")  # noqa: B009  # not in every version
+            for start in range(0, len(tasks), spec.chunk):
+                await many(spec.stream, tasks[start : start + spec.chunk])
+        return time.perf_counter() - started
+    finally:
+        await app.aclose()

@@ -1,0 +1,261 @@
+"""Results on disk: latest.json (everything), latest.md (the tables), latest.png (the chart)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from . import chart, env
+from .config import Config
+from .results import Outcome
+from .targets import Target
+
+SCENARIO_TITLES = {
+    "drain": "Drain a prefilled backlog, no-op handler",
+    "io": "Drain with a handler that awaits 1 ms",
+    "latency": "Steady publish and consume: publish-to-handler latency",
+    "publish": "Publish throughput",
+    "workers": "Worker processes: the drain by N processes of one group",
+    "payload": "Payload size and typed decoding (no-op handler)",
+    "memory": "Memory under a large backlog",
+}
+SCENARIO_NOTES = {
+    "drain": (
+        "One consumer process drains the backlog in a group of its own, from the first entry; "
+        "timed from the first entry handled until every entry was handled and XPENDING is "
+        "empty (start-up is in the JSON, apart). FastStream's per-message subscriber drains "
+        "the first {faststream:,} entries only."
+    ),
+    "io": "Same drain; every handler awaits `asyncio.sleep(0.001)`.",
+    "latency": (
+        "A producer process XADDs at a fixed rate (absolute deadlines, due entries pipelined "
+        "together); latency is from its `created_at = time.time()` to the handler's start. "
+        "One run per rate."
+    ),
+    "publish": (
+        "One process writes {publish:,} tasks to a fresh stream; then the stream is checked."
+    ),
+    "workers": (
+        "The real CLI (`python -m asyncstreams run benchmarks.workers_app:app --workers N`) "
+        "and, for reference, N processes of the other implementations, on one group. Timed from "
+        "the moment all processes are ready until the group has drained (the group is moved to "
+        "the stream's start and the last entry written then, which wakes every reader)."
+    ),
+    "payload": "Drain with a no-op handler; the asyncstreams handler takes the entry three ways.",
+    "memory": (
+        "One consumer drains a large backlog while a thread samples its RSS every 0.1 s: at the "
+        "first entry handled, at 10% of the drain, the peak, and at the end."
+    ),
+}
+
+
+def _mb(value: float | None) -> str:
+    return f"{value:.0f}" if value is not None else "-"
+
+
+def _rate(value: float | None) -> str:
+    return f"{value:,.0f}" if value is not None else "-"
+
+
+def _status_cell(outcome: Outcome) -> str | None:
+    if outcome.status == "n/a":
+        return f"n/a: {outcome.note}"
+    if outcome.status == "fail":
+        return f"**FAIL**: {outcome.note}"
+    return None
+
+
+def _versus(outcome: Outcome, by_key: dict[str, Outcome]) -> str:
+    ref = by_key.get(outcome.step.ref or "")
+    if ref is None:
+        return ""
+    if ref.median is None or outcome.median is None:
+        return "n/a"
+    return f"{ref.median / outcome.median:.2f}x"
+
+
+def _throughput_table(outcomes: list[Outcome]) -> list[str]:
+    by_key = {o.step.key: o for o in outcomes}
+    lines = [
+        "| implementation | msgs/s (median) | min-max | asyncstreams ÷ this | peak RSS MB "
+        "| entries |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        entries = f"{o.step.count:,}" if o.step.count else "-"
+        status = _status_cell(o)
+        if status:
+            lines.append(f"| {o.step.label} | {status} | | | | {entries} |")
+            continue
+        rates = o.rates
+        spread = f"{min(rates):,.0f}-{max(rates):,.0f}" if len(rates) > 1 else ""
+        lines.append(
+            f"| {o.step.label} | {_rate(o.median)} | {spread} | {_versus(o, by_key)} "
+            f"| {_mb(o.peak_rss_mb)} | {entries} |"
+        )
+    return lines
+
+
+def _latency_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "| implementation | p50 ms | p99 ms | max ms | handled | producer rate | peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        status = _status_cell(o)
+        if status:
+            lines.append(f"| {o.step.label} | {status} | | | | | |")
+            continue
+
+        def ms(name: str, o: Outcome = o) -> str:
+            value = o.extra(name)
+            return f"{value:.2f}" if value is not None else "-"
+
+        handled = f"{o.extra('handled'):,} of {o.extra('entries'):,}"
+        if o.status == "behind":
+            handled += " (fell behind)"
+        lines.append(
+            f"| {o.step.label} | {ms('p50_ms')} | {ms('p99_ms')} | {ms('max_ms')} | {handled} "
+            f"| {_rate(o.extra('publish_rate'))}/s | {_mb(o.peak_rss_mb)} |"
+        )
+    return lines
+
+
+def _workers_table(outcomes: list[Outcome]) -> list[str]:
+    base = _throughput_table(outcomes)
+    singles = {o.step.key.rsplit("-", 1)[0]: o for o in outcomes if o.step.key.endswith("-1")}
+    lines = [base[0].replace(" | entries |", " | vs 1 process |"), base[1]]
+    for o, row in zip(outcomes, base[2:], strict=True):
+        one = singles.get(o.step.key.rsplit("-", 1)[0])
+        scale = ""
+        if one is not None and one is not o and one.median and o.median:
+            scale = f"{o.median / one.median:.2f}x"
+        lines.append(row.rsplit("|", 2)[0] + f"| {scale} |")
+    return lines
+
+
+def _memory_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "| implementation | msgs/s | RSS at start MB | at 10% | peak | end | growth after 10% |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        profile = o.extra("rss")
+        status = _status_cell(o)
+        if status or profile is None:
+            lines.append(f"| {o.step.label} | {status or 'no samples'} | | | | | |")
+            continue
+        lines.append(
+            f"| {o.step.label} | {_rate(o.median)} | {profile['start_mb']:.1f} "
+            f"| {profile['at_10pct_mb']:.1f} | {profile['peak_mb']:.1f} | {profile['end_mb']:.1f} "
+            f"| {profile['growth_after_10pct_mb']:+.1f} |"
+        )
+    return lines
+
+
+def _groups(outcomes: Iterable[Outcome]) -> dict[str, dict[str, list[Outcome]]]:
+    groups: dict[str, dict[str, list[Outcome]]] = {}
+    for o in outcomes:
+        groups.setdefault(o.step.scenario, {}).setdefault(o.step.case, []).append(o)
+    return groups
+
+
+def markdown(
+    config: Config,
+    outcomes: list[Outcome],
+    targets: list[Target],
+    meta: dict[str, Any],
+) -> str:
+    versions = meta["versions"]
+    machine = meta["machine"]
+    lines = [
+        "# asyncstreams benchmarks",
+        "",
+        f"`{meta['command']}` · {meta['started_at']} · {meta['seconds']:.0f} s",
+        "",
+        f"**Machine**: {machine['cpus']} CPUs, {machine['cpu_model']}, {machine['platform']}, "
+        f"load average at start {machine.get('load_average_at_start', '?')}. "
+        f"**Redis**: redis-server {versions.get('redis-server')} ({meta['server']}).",
+        "",
+        "**Versions**: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "redis-server"),
+        "",
+    ]
+    if config.quick:
+        lines += [
+            "**`--quick`**: small sizes and one repeat: a smoke check, not a measurement.",
+            "",
+        ]
+    lines += ["## Targets", "", "| target | measured | result |", "| --- | --- | --- |"]
+    lines += [f"| {t.name} | {t.measured} | {t.verdict} |" for t in targets]
+    notes = {"faststream": config.faststream_entries, "publish": config.publish_entries}
+    for scenario, cases in _groups(outcomes).items():
+        lines += ["", f"## {scenario}: {SCENARIO_TITLES[scenario]}", ""]
+        lines += [SCENARIO_NOTES[scenario].format(**notes), ""]
+        for case, rows in cases.items():
+            lines += [f"### {case}", ""]
+            if scenario == "latency":
+                lines += _latency_table(rows)
+            elif scenario == "workers":
+                lines += _workers_table(rows)
+            elif scenario == "memory":
+                lines += _memory_table(rows)
+            else:
+                lines += _throughput_table(rows)
+            lines.append("")
+    failures = [o for o in outcomes if o.status == "fail"]
+    if failures:
+        lines += ["## Failures", ""]
+        lines += [f"- {o.step.title}: {o.note}" for o in failures]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _write(path: Path, text: str) -> Path:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
+
+
+def write(
+    config: Config,
+    outcomes: list[Outcome],
+    targets: list[Target],
+    *,
+    versions: dict[str, str],
+    machine: dict[str, Any],
+    server: str,
+    started_at: datetime.datetime,
+    seconds: float,
+) -> list[Path]:
+    config.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": env.command_line(),
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "seconds": seconds,
+        "versions": versions,
+        "machine": machine,
+        "server": server,
+    }
+    settings = {
+        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()
+    }
+    document = {
+        "meta": meta,
+        "config": {k: v for k, v in settings.items() if k != "url"},
+        "targets": [t.to_json() for t in targets],
+        "steps": [o.to_json() for o in outcomes],
+    }
+    paths = [
+        _write(config.out / "latest.json", json.dumps(document, indent=1) + "\n"),
+        _write(config.out / "latest.md", markdown(config, outcomes, targets, meta)),
+    ]
+    png = chart.draw(outcomes, config.out / "latest.png", title=env.command_line())
+    if png is not None:
+        paths.append(png)
+    return paths

@@ -1,0 +1,97 @@
+"""The outcome of a step (all its runs) and the figures drawn from it."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .scenarios import Step
+from .steps import Run
+
+Status = Literal["ok", "fail", "n/a", "behind"]
+
+
+@dataclass
+class Outcome:
+    step: Step
+    status: Status
+    runs: list[Run] = field(default_factory=list)
+    note: str | None = None  # why n/a, what failed, how far behind
+
+    @property
+    def rates(self) -> list[float]:
+        return [run.rate for run in self.runs if run.rate is not None]
+
+    @property
+    def median(self) -> float | None:
+        rates = self.rates
+        return statistics.median(rates) if rates and self.status == "ok" else None
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        values = [run.peak_rss_mb for run in self.runs if run.peak_rss_mb is not None]
+        return max(values) if values else None
+
+    def extra(self, name: str) -> Any:
+        """A figure of the (single) latency or memory run."""
+        return self.runs[-1].extra.get(name) if self.runs else None
+
+    def to_json(self) -> dict[str, Any]:
+        step = self.step
+        rates = self.rates
+        return {
+            "scenario": step.scenario,
+            "case": step.case,
+            "key": step.key,
+            "label": step.label,
+            "role": step.role,
+            "ref": step.ref,
+            "entries": step.count,
+            "entry_size": step.data[1] if step.data else None,
+            "status": self.status,
+            "note": self.note,
+            "msgs_per_s": {
+                "median": self.median,
+                "min": min(rates) if rates else None,
+                "max": max(rates) if rates else None,
+            },
+            "peak_rss_mb": self.peak_rss_mb,
+            "runs": [asdict(run) for run in self.runs],
+        }
+
+
+def describe_run(run: Run) -> str:
+    if "p99_ms" in run.extra:
+        return (
+            f"p50 {run.extra['p50_ms']:.2f} ms, p99 {run.extra['p99_ms']:.2f} ms, "
+            f"max {run.extra['max_ms']:.1f} ms"
+        )
+    if "rss" in run.extra:
+        rss = run.extra["rss"]
+        return (
+            f"{run.rate:,.0f} msgs/s; RSS start {rss['start_mb']:.0f} MB, "
+            f"peak {rss['peak_mb']:.0f} MB, end {rss['end_mb']:.0f} MB"
+        )
+    if run.rate is not None:
+        return f"{run.rate:,.0f} msgs/s"
+    return "done"
+
+
+def describe(outcome: Outcome) -> str:
+    """The end of a progress line: the median and spread, or what went wrong."""
+    if outcome.status == "n/a":
+        return f"n/a ({outcome.note})"
+    if outcome.status == "fail":
+        return f"FAIL: {outcome.note}"
+    last = describe_run(outcome.runs[-1])
+    if outcome.status == "behind":
+        return f"{last} ({outcome.note})"
+    rates = outcome.rates
+    if len(rates) > 1 and outcome.median is not None:
+        text = f"{outcome.median:,.0f} msgs/s (min {min(rates):,.0f}, max {max(rates):,.0f})"
+    else:
+        text = last
+    if outcome.peak_rss_mb is not None and "rss" not in outcome.runs[-1].extra:
+        text += f", peak RSS {outcome.peak_rss_mb:.0f} MB"
+    return text

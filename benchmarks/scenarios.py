@@ -1,0 +1,256 @@
+"""What each scenario runs: its cases, and in each case one row per implementation.
+
+A `Step` is one row, run `repeat` times by the runner. `ref` names the asyncstreams row of
+the same case that the row is compared with (the table's "asyncstreams ÷ this" column).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from . import steps
+from .config import Config
+from .impls import asyncstreams_impl
+from .specs import Impl, Loop, PublishMethod, Shape, Work
+from .steps import Run
+from .store import DataSet, Store
+
+Role = Literal["asyncstreams", "baseline", "faststream"]
+RunStep = Callable[[Store, DataSet | None], Run]
+
+INLINE = "baseline: inline loop (XREADGROUP COUNT 500, handler inline, one XACK per batch)"
+TASKS = "baseline: task per message, {n} in flight, acks batched"
+FASTSTREAM = "FastStream StreamSub with a group, defaults"
+FASTSTREAM_BATCH = "FastStream StreamSub batch=True, max_records=500"
+
+
+@dataclass(frozen=True)
+class Step:
+    scenario: str
+    case: str
+    key: str  # unique within the case
+    label: str
+    role: Role
+    run: RunStep
+    data: tuple[int, int] | None = None  # (entries, size) of the data set the step reads
+    entries: int | None = None  # entries handled or written, where there is no data set
+    repeat: int = 1
+    ref: str | None = None
+    skip: str | None = None  # why the step cannot run here (reported as n/a)
+
+    @property
+    def count(self) -> int | None:
+        return self.data[0] if self.data else self.entries
+
+    @property
+    def title(self) -> str:
+        return f"{self.scenario} {self.case} / {self.label}"
+
+
+def _faststream_missing() -> str | None:
+    if importlib.util.find_spec("faststream") is None:
+        return 'faststream is not installed (pip install "faststream[redis]")'
+    return None
+
+
+def _drain(
+    impl: Impl,
+    *,
+    work: Work = "noop",
+    shape: Shape = "struct",
+    concurrency: int = 0,
+    batch_size: int = 0,
+    loop: Loop = "uvloop",
+    sample_rss: bool = False,
+) -> RunStep:
+    def run(store: Store, dataset: DataSet | None) -> Run:
+        assert dataset is not None
+        return steps.drain(
+            store,
+            dataset,
+            impl=impl,
+            work=work,
+            shape=shape,
+            concurrency=concurrency,
+            batch_size=batch_size,
+            loop=loop,
+            sample_rss=sample_rss,
+        )
+
+    return run
+
+
+def drain(config: Config) -> list[Step]:
+    data = (config.drain_entries, config.entry_size)
+    fs_data = (min(config.drain_entries, config.faststream_entries), config.entry_size)
+    no_fs = _faststream_missing()
+    row = partial(Step, "drain", "no-op", repeat=config.repeat, data=data)
+    return [
+        row("asyncstreams", "asyncstreams (defaults: concurrency=64, batch_size=100)",
+            "asyncstreams", _drain("asyncstreams")),
+        row("asyncstreams-asyncio", "asyncstreams (asyncio loop)", "asyncstreams",
+            _drain("asyncstreams", loop="asyncio")),
+        row("asyncstreams-500", "asyncstreams (batch_size=500, as the baselines read)",
+            "asyncstreams", _drain("asyncstreams", batch_size=500)),
+        row("asyncstreams-batch", "asyncstreams batch handler (list[Task])", "asyncstreams",
+            _drain("asyncstreams", shape="batch"), skip=asyncstreams_impl.batch_handlers()),
+        row("inline", INLINE, "baseline", _drain("baseline-inline"), ref="asyncstreams"),
+        row("tasks", TASKS.format(n=100), "baseline", _drain("baseline-tasks"),
+            ref="asyncstreams"),
+        row("tasks-asyncio", TASKS.format(n=100) + " (asyncio loop)", "baseline",
+            _drain("baseline-tasks", loop="asyncio"), ref="asyncstreams-asyncio"),
+        row("faststream", FASTSTREAM, "faststream", _drain("faststream"), data=fs_data,
+            ref="asyncstreams", skip=no_fs),
+        row("faststream-batch", FASTSTREAM_BATCH, "faststream", _drain("faststream-batch"),
+            ref="asyncstreams-batch", skip=no_fs),
+    ]  # fmt: skip
+
+
+def io(config: Config) -> list[Step]:
+    data = (config.io_entries, config.entry_size)
+    fs_data = (min(config.io_entries, config.faststream_entries), config.entry_size)
+    no_fs = _faststream_missing()
+    plan = []
+    for n in config.io_concurrency:
+        row = partial(Step, "io", f"1 ms handler, concurrency {n}", repeat=config.repeat,
+                      data=data)  # fmt: skip
+        plan += [
+            row("asyncstreams", f"asyncstreams (concurrency={n})", "asyncstreams",
+                _drain("asyncstreams", work="sleep", concurrency=n)),
+            row("tasks", TASKS.format(n=n), "baseline",
+                _drain("baseline-tasks", work="sleep", concurrency=n), ref="asyncstreams"),
+            row("faststream", f"FastStream StreamSub with a group, max_workers={n}",
+                "faststream", _drain("faststream", work="sleep", concurrency=n),
+                data=fs_data, ref="asyncstreams", skip=no_fs),
+        ]  # fmt: skip
+    return plan
+
+
+def latency(config: Config) -> list[Step]:
+    no_fs = _faststream_missing()
+    plan = []
+    for rate in config.latency_rates:
+        entries = max(1, round(rate * config.latency_seconds))
+        row = partial(Step, "latency", f"{rate:,} msgs/s", entries=entries)
+
+        def run(impl: Impl, rate: int = rate) -> RunStep:
+            return lambda store, _: steps.latency(
+                store, impl=impl, rate=rate, seconds=config.latency_seconds,
+                size=config.entry_size,
+            )  # fmt: skip
+
+        plan += [
+            row("asyncstreams", "asyncstreams", "asyncstreams", run("asyncstreams")),
+            row("inline", INLINE, "baseline", run("baseline-inline"), ref="asyncstreams"),
+            row("tasks", TASKS.format(n=100), "baseline", run("baseline-tasks"),
+                ref="asyncstreams"),
+            row("faststream", FASTSTREAM, "faststream", run("faststream"), ref="asyncstreams",
+                skip=no_fs),
+        ]  # fmt: skip
+    return plan
+
+
+def publish(config: Config) -> list[Step]:
+    entries, size = config.publish_entries, config.entry_size
+
+    def run(method: PublishMethod) -> RunStep:
+        return lambda store, _: steps.publish(store, method=method, entries=entries, size=size)
+
+    one = partial(Step, "publish", "one at a time", repeat=config.repeat, entries=entries)
+    many = partial(Step, "publish", "batches of 1,000", repeat=config.repeat, entries=entries)
+    return [
+        one("asyncstreams", "asyncstreams app.publish (sequential awaits)", "asyncstreams",
+            run("asyncstreams-publish")),
+        one("redis-py", "baseline: redis-py xadd (sequential awaits)", "baseline",
+            run("redis-py-xadd"), ref="asyncstreams"),
+        one("faststream", "FastStream broker.publish(stream=...)", "faststream",
+            run("faststream-publish"), ref="asyncstreams", skip=_faststream_missing()),
+        many("asyncstreams", "asyncstreams app.publish_many", "asyncstreams",
+             run("asyncstreams-publish-many"), skip=asyncstreams_impl.publish_many()),
+        many("redis-py", "baseline: redis-py pipeline (transaction=False)", "baseline",
+             run("redis-py-pipeline"), ref="asyncstreams"),
+    ]  # fmt: skip
+
+
+def workers(config: Config) -> list[Step]:
+    # The template holds all entries but the last, which is written to start the drain.
+    data = (config.workers_entries - 1, config.entry_size)
+    no_fs = _faststream_missing()
+    row = partial(Step, "workers", f"drain of {config.workers_entries:,}",
+                  repeat=config.repeat, data=data)  # fmt: skip
+    plan = []
+    for n in config.workers:
+
+        def cli(store: Store, dataset: DataSet | None, n: int = n) -> Run:
+            assert dataset is not None
+            return steps.workers_cli(store, dataset, workers=n)
+
+        def children(impl: Impl, n: int = n) -> RunStep:
+            def run(store: Store, dataset: DataSet | None) -> Run:
+                assert dataset is not None
+                return steps.workers_children(store, dataset, impl=impl, processes=n)
+
+            return run
+
+        plan += [
+            row(f"asyncstreams-{n}", f"asyncstreams run --workers {n}", "asyncstreams", cli),
+            row(f"tasks-{n}", TASKS.format(n=100) + f", {n} process(es)", "baseline",
+                children("baseline-tasks"), ref=f"asyncstreams-{n}"),
+            row(f"faststream-batch-{n}", FASTSTREAM_BATCH + f", {n} process(es)", "faststream",
+                children("faststream-batch"), ref=f"asyncstreams-{n}", skip=no_fs),
+        ]  # fmt: skip
+    return plan
+
+
+def payload(config: Config) -> list[Step]:
+    no_fs = _faststream_missing()
+    plan = []
+    for size, entries in config.payload_entries.items():
+        data, fs_data = (entries, size), (min(entries, config.faststream_entries), size)
+        row = partial(Step, "payload", _size_label(size), repeat=config.repeat, data=data)
+        plan += [
+            row("asyncstreams", "asyncstreams, msgspec.Struct parameter", "asyncstreams",
+                _drain("asyncstreams", shape="struct")),
+            row("asyncstreams-fields", "asyncstreams, dict[str, str] fields", "asyncstreams",
+                _drain("asyncstreams", shape="fields")),
+            row("asyncstreams-message", "asyncstreams, Message", "asyncstreams",
+                _drain("asyncstreams", shape="message")),
+            row("inline", INLINE, "baseline", _drain("baseline-inline"), ref="asyncstreams"),
+            row("faststream", FASTSTREAM, "faststream", _drain("faststream"), data=fs_data,
+                ref="asyncstreams", skip=no_fs),
+        ]  # fmt: skip
+    return plan
+
+
+def memory(config: Config) -> list[Step]:
+    row = partial(Step, "memory", f"{config.memory_entries:,}-entry backlog",
+                  data=(config.memory_entries, config.entry_size))  # fmt: skip
+    return [
+        row("asyncstreams", "asyncstreams", "asyncstreams",
+            _drain("asyncstreams", sample_rss=True)),
+        row("tasks", TASKS.format(n=100), "baseline", _drain("baseline-tasks", sample_rss=True),
+            ref="asyncstreams"),
+    ]  # fmt: skip
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1000} KB" if size >= 1000 else f"{size} B"
+
+
+PLANS: dict[str, Callable[[Config], list[Step]]] = {
+    "drain": drain,
+    "io": io,
+    "latency": latency,
+    "publish": publish,
+    "workers": workers,
+    "payload": payload,
+    "memory": memory,
+}
+
+
+def plan(config: Config) -> list[Step]:
+    return [step for name in config.scenarios for step in PLANS[name](config)]

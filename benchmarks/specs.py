@@ -1,0 +1,106 @@
+"""What the parent asks a child process to do, and what the child reports back.
+
+A child is `python -m benchmarks.child KIND`, with the spec as JSON in its environment. It
+writes `READY` on stdout once its consumer runs, then one `RESULT {json}` line; its logs go
+to stderr.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Loop = Literal["uvloop", "asyncio"]
+Work = Literal["noop", "sleep", "latency"]
+# What an asyncstreams handler takes: a Struct, dict[str, str] fields, Message, list[Task].
+Shape = Literal["struct", "fields", "message", "batch"]
+Impl = Literal[
+    "asyncstreams", "baseline-inline", "baseline-tasks", "faststream", "faststream-batch"
+]
+PublishMethod = Literal[
+    "asyncstreams-publish",
+    "asyncstreams-publish-many",
+    "redis-py-xadd",
+    "redis-py-pipeline",
+    "faststream-publish",
+]
+
+SLEEP_SECONDS = 0.001  # the io scenario's handler: await asyncio.sleep(0.001)
+SPEC_ENV = "ASYNCSTREAMS_BENCH_SPEC"  # where a child finds its spec (not argv: `ps` shows it)
+
+
+class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
+    impl: Impl
+    url: str
+    stream: str
+    group: str
+    entries: int  # entries of the data set (the ledger's size)
+    work: Work = "noop"
+    shape: Shape = "struct"
+    concurrency: int = 0  # 0: the implementation's default
+    batch_size: int = 0  # asyncstreams' batch_size (XREADGROUP COUNT); 0: its default
+    loop: Loop = "uvloop"
+    # "count": done when `entries` were handled and acked (the child times it);
+    # "stdin": run until the parent writes STOP (several processes share the group).
+    until: Literal["count", "stdin"] = "count"
+    timeout: float = 60.0  # from READY until done (a stall of 20 s ends it sooner)
+    sample_rss: bool = False
+
+
+class Latency(msgspec.Struct, kw_only=True):
+    count: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+class ConsumeResult(msgspec.Struct, kw_only=True):
+    handled: int = 0
+    distinct: int = 0
+    duplicates: int = 0
+    unexpected: int = 0
+    # From the first entry handled until all were handled and nothing is pending: the rate
+    # is (entries - 1) / seconds. Start-up (connecting, creating the group, starting tasks,
+    # the first read) is apart, in `startup_seconds`.
+    seconds: float = 0.0
+    seconds_handled: float = 0.0  # ... until the last handler ran
+    startup_seconds: float = 0.0
+    acked: bool = False
+    timed_out: bool = False
+    peak_rss_mb: float = 0.0
+    latency: Latency | None = None
+    rss_samples: list[tuple[float, float, int]] | None = None  # (s, MB, handled)
+    tally: str | None = None  # the bitmap, when several processes share the group
+    error: str | None = None
+
+
+class PublishSpec(msgspec.Struct, kw_only=True, frozen=True):
+    method: PublishMethod
+    url: str
+    stream: str
+    entries: int
+    size: int
+    chunk: int = 1_000
+    loop: Loop = "uvloop"
+
+
+class PublishResult(msgspec.Struct, kw_only=True):
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    error: str | None = None
+
+
+class ProduceSpec(msgspec.Struct, kw_only=True, frozen=True):
+    url: str
+    stream: str
+    rate: int
+    entries: int
+    size: int
+
+
+class ProduceResult(msgspec.Struct, kw_only=True):
+    sent: int = 0
+    seconds: float = 0.0
+    max_late_ms: float = 0.0  # how far behind its deadline the worst batch went out
+    error: str | None = None

@@ -1,0 +1,139 @@
+"""The suite's side of Redis: key names, data sets, groups and the checks after each run.
+
+Every key the suite writes is named `asyncstreams-bench:<run id>:...`, remembered, and
+deleted by this module; nothing else on the server is read, written or flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+import redis
+
+from .payload import xadd_args
+
+FILL_CHUNK = 1_000
+
+
+def pack(args: tuple[str, ...]) -> bytes:
+    """A command in RESP, packed by hiredis."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # the stub: a 1-tuple
+    return packed
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
+class DataSet:
+    stream: str
+    entries: int
+    size: int
+    last_id: str
+
+
+class Store:
+    """A sync client for set-up and checks, and the names of everything written."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = redis.Redis.from_url(url, protocol=2)
+        self.prefix = f"asyncstreams-bench:{secrets.token_hex(4)}:"
+        self._counter = itertools.count(1)
+        self._keys: set[str] = set()
+        self._datasets: dict[tuple[int, int], DataSet] = {}
+
+    def name(self, what: str) -> str:
+        """A fresh key name (remembered, so it is deleted at the end)."""
+        key = f"{self.prefix}{what}:{next(self._counter)}"
+        self._keys.add(key)
+        return key
+
+    def group(self, what: str) -> str:
+        return f"bench-{what}-{next(self._counter)}"
+
+    def server_version(self) -> str:
+        info: dict[str, Any] = self.client.info("server")
+        return str(info.get("redis_version", "?"))
+
+    # -- data --------------------------------------------------------------------------
+
+    def dataset(self, entries: int, size: int) -> DataSet:
+        """A stream of `entries` tasks of `size` bytes, written once and shared by the runs."""
+        key = (entries, size)
+        if key not in self._datasets:
+            stream = self.name(f"data-{size}B-{entries}")
+            last_id = self.fill(stream, 0, entries, size)
+            self._datasets[key] = DataSet(stream, entries, size, last_id)
+        return self._datasets[key]
+
+    def fill(self, stream: str, start: int, stop: int, size: int) -> str:
+        """XADD entries `start..stop-1` in pipelines of 1,000 packed by hiredis; the last id."""
+        connection = self.client.connection_pool.get_connection()
+        last_id = ""
+        try:
+            for first in range(start, stop, FILL_CHUNK):
+                seqs = range(first, min(stop, first + FILL_CHUNK))
+                now = time.time()
+                packed = b"".join(pack(xadd_args(stream, seq, size, now)) for seq in seqs)
+                connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+                for _ in seqs:
+                    last_id = _text(connection.read_response()) or ""
+        finally:
+            self.client.connection_pool.release(connection)
+        return last_id
+
+    def drop_datasets(self) -> None:
+        for dataset in self._datasets.values():
+            self.delete(dataset.stream)
+        self._datasets.clear()
+
+    def delete(self, *keys: str) -> None:
+        if keys:
+            self.client.delete(*keys)
+        self._keys.difference_update(keys)
+
+    def delete_all(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.delete(*self._keys)
+        self._datasets.clear()
+
+    # -- groups ------------------------------------------------------------------------
+
+    def create_group(self, stream: str, group: str, start: str = "0") -> None:
+        self.client.xgroup_create(stream, group, start, mkstream=True)
+
+    def destroy_group(self, stream: str, group: str) -> None:
+        with contextlib.suppress(redis.ResponseError):
+            self.client.xgroup_destroy(stream, group)
+
+    def group_info(self, stream: str, group: str) -> dict[str, Any]:
+        for info in self.client.xinfo_groups(stream):
+            if _text(info["name"]) == group:
+                return dict(info)
+        raise LookupError(f"no group {group!r} on {stream}")
+
+    def drained(self, stream: str, group: str, last_id: str) -> bool:
+        info = self.group_info(stream, group)
+        return info["pending"] == 0 and _text(info["last-delivered-id"]) == last_id
+
+    def check_group(self, stream: str, group: str, last_id: str, entries: int) -> list[str]:
+        """What is wrong with the group after a run that should have handled everything."""
+        info = self.group_info(stream, group)
+        problems = []
+        if info["pending"]:
+            problems.append(f"{info['pending']} entries still pending (XPENDING)")
+        delivered = _text(info["last-delivered-id"])
+        if delivered != last_id:
+            problems.append(f"group last-delivered-id {delivered} != stream last id {last_id}")
+        read = info.get("entries-read")  # Redis 7 and later
+        if read is not None and read != entries:
+            problems.append(f"group entries-read {read} != {entries}")
+        return problems
