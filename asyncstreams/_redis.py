@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterable, Mapping
+from itertools import chain
 from typing import Any, NamedTuple
 
 import hiredis
@@ -30,11 +31,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigurationError, RedisUnavailableError
+from .message import Entry
 from .options import mask_url
 
 Redis = aioredis.Redis
-# An entry as a consumer holds it: (stream, id, flat fields, deliveries).
-Entry = tuple[str, bytes, list[bytes], int]
 
 SOCKET_TIMEOUT = 5.0
 # Errors after which the same command may succeed once Redis is back: connection loss,
@@ -77,23 +77,48 @@ def create_client(url: str, *, max_connections: int) -> Redis:
     return Redis.from_pool(pool)
 
 
-async def command(client: Redis, *args: Any) -> Any:
-    """One Redis command through the pool (redis-py's own signature is untyped)."""
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+async def exchange(
+    conn: AbstractConnection, packed: bytes, replies: int = 1, timeout: float = SOCKET_TIMEOUT
+) -> list[Any]:
+    """Send packed commands on `conn` and read their `replies` replies, undecoded.
+
+    Every reply is read before the first error reply is raised, so the connection stays
+    clean; anything else that interrupts (a timeout, a cancellation, a lost connection)
+    drops the connection, so no reply is ever left on one that is used again.
+    """
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+        results: list[Any] = []
+        error: ResponseError | None = None
+        async with asyncio.timeout(timeout):
+            for _ in range(replies):
+                try:
+                    results.append(
+                        await conn.read_response(disable_decoding=True, timeout=math.inf)
+                    )
+                except ResponseError as exc:
+                    error = error or exc
+        if error is not None:
+            raise error
+        return results
+    except ResponseError:
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
 
 
 async def raw(client: Redis, *args: str | int | bytes) -> Any:
     """One command through the pool, its reply as Redis sent it (no redis-py reply parsing)."""
+    return (await raw_many(client, pack(args), 1))[0]
+
+
+async def raw_many(client: Redis, packed: bytes, replies: int) -> list[Any]:
+    """Several packed commands through one pooled connection; their replies, undecoded."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        await conn.send_packed_command(pack(args), check_health=False)
-        return await conn.read_response(disable_decoding=True)
-    except ResponseError:
-        raise
-    except BaseException:
-        await conn.disconnect(nowait=True)  # no reply may be left behind on a pooled connection
-        raise
+        return await exchange(conn, packed, replies)
     finally:
         await pool.release(conn)
 
@@ -137,7 +162,7 @@ def is_transient(exc: BaseException) -> bool:
 async def ensure_group(client: Redis, stream: str, group: str, start_id: str | bytes) -> bool:
     """Create `group` on `stream` at `start_id` (and the stream if missing); True if created."""
     try:
-        await command(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
+        await raw(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
     except ResponseError as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
@@ -148,7 +173,7 @@ async def ensure_group(client: Redis, stream: str, group: str, start_id: str | b
 
 
 async def _not_a_stream(client: Redis, stream: str) -> ConfigurationError:
-    found = _text(await command(client, "TYPE", stream))
+    found = _text(await raw(client, "TYPE", stream))
     return ConfigurationError(f"key {stream!r}: expected a stream, found a {found}")
 
 
@@ -159,33 +184,37 @@ def _text(value: bytes | str) -> str:
 async def add(
     client: Redis,
     stream: str,
-    fields: Mapping[str, str | bytes],
+    payloads: list[Mapping[str, str | bytes]],
     *,
     maxlen: int | None,
     approximate: bool,
-) -> str:
-    """XADD one entry; returns its id.
+) -> list[str]:
+    """XADD each field map to `stream`, pipelined 1000 at a time; returns the new entry ids.
 
     Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when the
     key holds something other than a stream.
     """
-    args: list[Any] = ["XADD", stream]
+    head: tuple[str | int, ...] = ("XADD", stream)
     if maxlen is not None:
-        args += ["MAXLEN", "~" if approximate else "=", maxlen]
-    args.append("*")
-    for name, value in fields.items():
-        args += [name, value]
-    try:
-        entry_id = await command(client, *args)
-    except (RedisError, OSError) as exc:
-        if str(exc).startswith("WRONGTYPE"):
-            raise await _not_a_stream(client, stream) from None
-        if is_transient(exc):
-            raise RedisUnavailableError(
-                f"cannot publish to {stream!r}: Redis at {describe(client)} is unavailable: {exc}"
-            ) from exc
-        raise
-    return _text(entry_id)
+        head += ("MAXLEN", "~" if approximate else "=", maxlen)
+    head += ("*",)
+    ids: list[str] = []
+    for start in range(0, len(payloads), 1000):
+        chunk = payloads[start : start + 1000]
+        packed = b"".join(pack((*head, *chain.from_iterable(f.items()))) for f in chunk)
+        try:
+            replies = await raw_many(client, packed, len(chunk))
+        except (RedisError, OSError) as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise await _not_a_stream(client, stream) from None
+            if is_transient(exc):
+                raise RedisUnavailableError(
+                    f"cannot publish to {stream!r}: Redis at {describe(client)} is unavailable: "
+                    f"{exc}"
+                ) from exc
+            raise
+        ids += [_text(entry_id) for entry_id in replies]
+    return ids
 
 
 class Link:
@@ -227,22 +256,7 @@ class Link:
         conn = await self._connection()
         self.busy = True
         try:
-            await conn.send_packed_command(packed, check_health=False)
-            error: ResponseError | None = None
-            async with asyncio.timeout(timeout):
-                for _ in range(replies):
-                    try:
-                        reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
-                    except ResponseError as exc:
-                        error = error or exc
-            if error is not None:
-                raise error
-            return reply
-        except ResponseError:
-            raise
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
+            return (await exchange(conn, packed, replies, timeout))[-1]
         finally:
             self.busy = False
 
@@ -302,7 +316,7 @@ class GroupReader:
         client_id = self._link.client_id
         if self.blocked and client_id is not None:
             with contextlib.suppress(RedisError, OSError):
-                await command(client, "CLIENT", "UNBLOCK", client_id)
+                await raw(client, "CLIENT", "UNBLOCK", client_id)
 
     async def close(self) -> None:
         await self._link.close()
@@ -452,3 +466,21 @@ async def consumers(client: Redis, stream: str, group: str) -> list[ConsumerInfo
 async def delete_consumer(client: Redis, stream: str, group: str, name: str) -> int:
     """XGROUP DELCONSUMER; returns how many pending entries it dropped (we only ask at 0)."""
     return int(await raw(client, "XGROUP", "DELCONSUMER", stream, group, name))
+
+
+async def entries(client: Redis, stream: str, *, after: bytes | str, count: int) -> list[Claimed]:
+    """XRANGE: up to `count` entries of `stream` after id `after` ("-" for the first)."""
+    start = after if after == "-" else b"(" + _bytes(after)
+    reply = await raw(client, "XRANGE", stream, start, "+", "COUNT", count)
+    return [(_bytes(entry_id), flat) for entry_id, flat in reply]
+
+
+async def move_back(
+    client: Redis, source: str, entry_id: bytes, target: str, fields: list[bytes]
+) -> str:
+    """XADD `fields` to `target` and XDEL `entry_id` from `source`, in one MULTI."""
+    async with client.pipeline(transaction=True) as multi:
+        multi.execute_command("XADD", target, "*", *fields)
+        multi.execute_command("XDEL", source, entry_id)
+        new_id, _ = await multi.execute()
+    return _text(new_id)

@@ -7,7 +7,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -17,7 +17,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from . import _redis
+from . import _redis, deadletter
 from .codec import HandlerPlan, encode_fields, plan_handler
 from .consumer import Consumer
 from .errors import ConfigurationError
@@ -241,13 +241,52 @@ class App:
         the entry and a handler taking the same Struct type gets an equal value back.
         `maxlen` trims the stream (approximately, unless `approximate=False`).
         """
+        return (await self.publish_many(stream, [payload], maxlen=maxlen, approximate=approximate))[
+            0
+        ]
+
+    async def publish_many(
+        self,
+        stream: str,
+        payloads: Iterable[msgspec.Struct | Mapping[str, Any]],
+        *,
+        maxlen: int | None = None,
+        approximate: bool = True,
+    ) -> list[str]:
+        """`publish` for many payloads at once, pipelined; returns the ids in order."""
         if maxlen is not None and (
             isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0
         ):
             raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
+        field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
         return await _redis.add(
-            self.redis, stream, encode_fields(payload), maxlen=maxlen, approximate=approximate
+            self.redis, stream, field_maps, maxlen=maxlen, approximate=approximate
         )
+
+    async def replay_dead_letters(self, dead_letter: str, *, limit: int | None = None) -> int:
+        """Move entries of the stream `dead_letter` back to the streams they came from.
+
+        Each goes back with its original fields, as a new entry (a new id), in one MULTI with
+        its XDEL from `dead_letter`. Returns how many were moved (at most `limit`).
+        """
+        moved = 0
+        after: bytes | str = "-"
+        while limit is None or moved < limit:
+            page = await _redis.entries(self.redis, dead_letter, after=after, count=100)
+            if not page:
+                break
+            for entry_id, flat in page[: None if limit is None else limit - moved]:
+                meta, original = deadletter.split(flat)
+                if "stream" not in meta or not original:
+                    raise ConfigurationError(
+                        f"entry {entry_id.decode()} of {dead_letter!r}: expected a dead-letter "
+                        "entry (with !dlq:stream and the original fields), found "
+                        f"{len(flat) // 2} other fields"
+                    )
+                await _redis.move_back(self.redis, dead_letter, entry_id, meta["stream"], original)
+                moved += 1
+            after = page[-1][0]
+        return moved
 
     # -- running -----------------------------------------------------------------------
 

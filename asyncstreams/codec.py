@@ -3,7 +3,9 @@
 A stream entry is a flat map of text fields. A handler asks for it by annotating its
 parameters: a `msgspec.Struct` type is decoded from the fields (strings coerced to numbers
 and booleans, nested values parsed from JSON), `Message` gets the envelope and
-`dict[str, str]` gets the fields. Everything is worked out once, at registration.
+`dict[str, str]` gets the fields. A handler whose parameters are lists of those
+(`list[Task]`, `list[Message]`) is a batch handler: it gets many entries in one call.
+Everything is worked out once, at registration.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import msgspec
 import msgspec.inspect as mi
 
 from .errors import ConfigurationError, DecodeError
-from .message import Message, decode_fields
+from .message import Entry, Message, decode_fields
 
 Handler = Callable[..., Awaitable[Any]]
 # The call for one entry: (stream, id, flat fields, deliveries) -> the handler's awaitable.
 Invoke = Callable[[str, bytes, list[bytes], int], Awaitable[Any]]
+# The call for a batch: entries -> (the entries passed, those that did not decode, the
+# handler's awaitable, or None when no entry decoded).
+InvokeBatch = Callable[
+    [list[Entry]], tuple[list[Entry], list[tuple[Entry, DecodeError]], Awaitable[Any] | None]
+]
 
 
 class Arg(enum.Enum):
@@ -44,7 +51,9 @@ _CONTAINERS = (
     mi.TypedDictType,
     mi.NamedTupleType,
 )
-_EXPECTED = "a msgspec.Struct type, Message or dict[str, str]"
+_EXPECTED = (
+    "a msgspec.Struct type, Message or dict[str, str] (or, for a batch handler, lists of them)"
+)
 
 
 def _is_fields_type(annotation: object) -> bool:
@@ -65,6 +74,7 @@ class HandlerPlan:
     args: tuple[Arg, ...]
     keywords: tuple[str | None, ...]
     payload_type: type[msgspec.Struct] | None
+    batch: bool = False
 
     def bind(self, group: str, consumer: str) -> Invoke:
         """The per-entry call for this handler running as `consumer` of `group`."""
@@ -100,6 +110,40 @@ class HandlerPlan:
             return lambda s, i, f, d: handler(decode_fields(f))
         makers = [self._maker(arg, decode, message) for arg in self.args]
         return lambda s, i, f, d: handler(*[make(s, i, f, d) for make in makers])
+
+    def bind_batch(self, group: str, consumer: str) -> InvokeBatch:
+        """The call for a batch of entries, for a handler that takes lists."""
+        handler = self.handler
+        decode = struct_decoder(self.payload_type) if self.payload_type else None
+
+        def message(stream: str, id: bytes, flat: list[bytes], deliveries: int) -> Message:
+            return Message.from_entry(id, flat, stream, group, consumer, deliveries)
+
+        makers = [self._maker(arg, decode, message) for arg in self.args]
+        keywords = self.keywords
+
+        def invoke_batch(
+            entries: list[Entry],
+        ) -> tuple[list[Entry], list[tuple[Entry, DecodeError]], Awaitable[Any] | None]:
+            passed: list[Entry] = []
+            rejected: list[tuple[Entry, DecodeError]] = []
+            columns: list[list[Any]] = [[] for _ in makers]
+            for entry in entries:
+                try:
+                    values = [make(*entry) for make in makers]
+                except DecodeError as exc:
+                    rejected.append((entry, exc))
+                    continue
+                passed.append(entry)
+                for column, value in zip(columns, values, strict=True):
+                    column.append(value)
+            if not passed:
+                return passed, rejected, None
+            positional = [c for c, k in zip(columns, keywords, strict=True) if k is None]
+            named = {k: c for c, k in zip(columns, keywords, strict=True) if k is not None}
+            return passed, rejected, handler(*positional, **named)
+
+        return invoke_batch
 
     @staticmethod
     def _maker(
@@ -137,6 +181,7 @@ def plan_handler(handler: object) -> HandlerPlan:
 
     args: list[Arg] = []
     keywords: list[str | None] = []
+    lists: list[bool] = []
     payload_type: type[msgspec.Struct] | None = None
     for param in signature.parameters.values():
         where = f'handler {name}: parameter "{param.name}"'
@@ -148,6 +193,9 @@ def plan_handler(handler: object) -> HandlerPlan:
         annotation = param.annotation
         if annotation is param.empty:
             raise ConfigurationError(f"{where}: expected an annotation, {_EXPECTED}; found none")
+        is_list = typing.get_origin(annotation) is list and len(typing.get_args(annotation)) == 1
+        if is_list:
+            annotation = typing.get_args(annotation)[0]
         if annotation is Message:
             arg = Arg.MESSAGE
         elif _is_struct_type(annotation):
@@ -156,13 +204,20 @@ def plan_handler(handler: object) -> HandlerPlan:
         elif _is_fields_type(annotation):
             arg = Arg.FIELDS
         else:
-            raise ConfigurationError(f"{where}: expected {_EXPECTED}, found {annotation!r}")
+            raise ConfigurationError(f"{where}: expected {_EXPECTED}, found {param.annotation!r}")
         if arg is not Arg.MESSAGE and any(a is not Arg.MESSAGE for a in args):
             raise ConfigurationError(
                 f"{where}: the handler already takes a payload; expected one payload "
                 f"parameter ({Arg.STRUCT.value} or {Arg.FIELDS.value}), found a second"
             )
+        if lists and lists[0] != is_list:
+            raise ConfigurationError(
+                f"{where}: expected every parameter to be a list (a batch handler) or none "
+                f"of them; found {param.annotation!r} beside "
+                f"{'lists' if lists[0] else 'single values'}"
+            )
         args.append(arg)
+        lists.append(is_list)
         keywords.append(param.name if param.kind is param.KEYWORD_ONLY else None)
     if not args:
         raise ConfigurationError(
@@ -171,7 +226,7 @@ def plan_handler(handler: object) -> HandlerPlan:
         )
     if payload_type is not None:
         struct_decoder(payload_type)  # fail now, not at the first entry
-    return HandlerPlan(handler, name, tuple(args), tuple(keywords), payload_type)
+    return HandlerPlan(handler, name, tuple(args), tuple(keywords), payload_type, lists[0])
 
 
 def _signature(handler: Callable[..., Any], name: str) -> inspect.Signature:

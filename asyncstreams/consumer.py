@@ -28,11 +28,12 @@ import anyio
 
 from . import _redis
 from ._backoff import Backoff, Outage
-from ._redis import Acker, Entry, GroupReader, Redis
+from ._redis import Acker, GroupReader, Redis
 from ._tasks import cancel_and_wait
 from .codec import HandlerPlan
 from .deadletter import Reason, dead_letter
 from .errors import DecodeError
+from .message import Entry
 from .options import ConsumerOptions
 from .recovery import Recovery
 
@@ -60,6 +61,10 @@ class _TooLarge(Exception):
     """An entry larger than max_payload_bytes."""
 
 
+def _too_large(entry: Entry, limit: int) -> str:
+    return f"entry is {sum(map(len, entry[2]))} bytes, more than max_payload_bytes={limit}"
+
+
 class Consumer:
     """Runs one handler over its streams as one consumer of its group."""
 
@@ -77,6 +82,7 @@ class Consumer:
         self.failure: BaseException | None = None
         self._outage = Outage(log, self.where)
         self._invoke = plan.bind(options.group, name)
+        self._invoke_batch = plan.bind_batch(options.group, name) if plan.batch else None
         self._reader = GroupReader(client, options.streams, options.group, name, options.block_ms)
         self._acker = Acker(client, options.group)
         self._recovery = Recovery(self)
@@ -85,7 +91,9 @@ class Consumer:
         self._outstanding = 0
         self._queue: deque[Entry] = deque()
         self._idle: deque[asyncio.Future[None]] = deque()
+        # What each worker is running: one entry, or for a batch handler, a batch.
         self._current: list[Entry | None] = [None] * options.concurrency
+        self._current_batches: list[list[Entry]] = [[] for _ in range(options.concurrency)]
         self._top_up_scheduled = False
         self._room_waiters: list[asyncio.Future[None]] = []
         self._drained: asyncio.Future[None] | None = None
@@ -118,7 +126,8 @@ class Consumer:
             task.add_done_callback(lambda t: self._watch(t, what, stop))
             return task
 
-        workers = [start(self._work(i), "worker") for i in range(self.options.concurrency)]
+        work = self._work_batches if self.plan.batch else self._work
+        workers = [start(work(i), "worker") for i in range(self.options.concurrency)]
         flusher = start(self._flush_loop(), "ack flusher")
         recovery = start(self._recovery.run(), "recovery")
         reader = start(self._read_loop(), "reader")
@@ -285,6 +294,8 @@ class Consumer:
         """Ids of the entries of `stream` this consumer holds: queued, running, being acked."""
         held = {entry[1] for entry in self._queue if entry[0] == stream}
         held.update(entry[1] for entry in self._current if entry is not None and entry[0] == stream)
+        for batch in self._current_batches:
+            held.update(entry[1] for entry in batch if entry[0] == stream)
         held.update(self._acks[stream])
         held.update(self._acking.get(stream, ()))
         return held
@@ -315,10 +326,7 @@ class Consumer:
             stream, entry_id, flat, deliveries = entry
             try:
                 if max_payload is not None and sum(map(len, flat)) > max_payload:
-                    raise _TooLarge(
-                        f"entry is {sum(map(len, flat))} bytes, more than "
-                        f"max_payload_bytes={max_payload}"
-                    )
+                    raise _TooLarge(_too_large(entry, max_payload))
                 await invoke(stream, entry_id, flat, deliveries)
             except asyncio.CancelledError:
                 self.stats.cancelled += 1
@@ -334,6 +342,78 @@ class Consumer:
                 ack_due.set()
             elif self._ack_count == 1:
                 loop.call_later(ACK_INTERVAL, ack_due.set)
+
+    async def _work_batches(self, index: int) -> None:
+        """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
+
+        Entries on a retry run one per call: one entry that keeps failing must not take the
+        rest of its first batch to the dead-letter stream with it.
+        """
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        idle = self._idle
+        batch_size = self.options.batch_size
+        n_workers = self.options.concurrency
+        while True:
+            if not queue:
+                drained = self._drained
+                if drained is not None and len(idle) + 1 == n_workers and not drained.done():
+                    drained.set_result(None)
+                waiter = loop.create_future()
+                idle.append(waiter)
+                await waiter
+                continue
+            taken = self._current_batches[index] = [
+                queue.popleft() for _ in range(min(len(queue), batch_size))
+            ]
+            first = [entry for entry in taken if entry[3] == 1]
+            retries = [[entry] for entry in taken if entry[3] > 1]
+            try:
+                for batch in [first, *retries] if first else retries:
+                    await self._run_batch(batch, taken, loop)
+            finally:
+                self._current_batches[index] = []
+
+    async def _run_batch(
+        self, batch: list[Entry], held: list[Entry], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """One call of a batch handler; `held` lists what the worker holds (for in_flight)."""
+        invoke_batch = self._invoke_batch
+        assert invoke_batch is not None
+        max_payload = self.options.max_payload_bytes
+        if max_payload is not None:
+            for entry in [e for e in batch if sum(map(len, e[2])) > max_payload]:
+                await self._failed(entry, _TooLarge(_too_large(entry, max_payload)))
+                held.remove(entry)  # only now: it is in flight until dealt with
+        # Entries that do not decode are split out; the others still run.
+        passed, rejected, call = invoke_batch(batch)
+        for entry, exc in rejected:
+            await self._failed(entry, exc)
+            held.remove(entry)
+        if call is None:
+            return
+        try:
+            await call
+        except asyncio.CancelledError:
+            self.stats.cancelled += len(passed)
+            raise
+        except Exception as exc:
+            for entry in passed:
+                await self._failed(entry, exc)
+                held.remove(entry)
+        else:
+            self._acked_batch(passed, loop)
+            for entry in passed:
+                held.remove(entry)
+
+    def _acked_batch(self, entries: list[Entry], loop: asyncio.AbstractEventLoop) -> None:
+        for stream, entry_id, _, _ in entries:
+            self._acks[stream].append(entry_id)
+        self._ack_count += len(entries)
+        if self._ack_count >= self.options.batch_size or self._room_waiters:
+            self._ack_due.set()
+        else:
+            loop.call_later(ACK_INTERVAL, self._ack_due.set)
 
     async def _failed(self, entry: Entry, exc: Exception) -> None:
         """The handler raised, or the entry cannot be handled: retry, or dead-letter it."""
@@ -420,7 +500,7 @@ class Consumer:
             return
         self.stats.dead_lettered += 1
         log.error(
-            "%s: entry %s of %s moved to dead-letter stream %s after %d deliveries; %s",
+            "%s: entry %s of %s moved to dead-letter stream %s (delivery %d); %s",
             self.where,
             letter.id,
             stream,

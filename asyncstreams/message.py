@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from .errors import DecodeError
 
+# An entry as a consumer holds it: (stream, id, flat fields [name, value, ...], deliveries).
+Entry = tuple[str, bytes, list[bytes], int]
+
 
 class Message:
     """One entry of a stream, delivered to a consumer of a group.

@@ -247,7 +247,7 @@ def write(
     }
     document = {
         "meta": meta,
-        "config": {k: v for k, v in settings.items() if k != "url"},
+        "config": {k: v for k, v in settings.items() if k not in ("url", "out")},
         "targets": [t.to_json() for t in targets],
         "steps": [o.to_json() for o in outcomes],
     }
