@@ -312,12 +312,9 @@ class Consumer:
         ack_due = self._ack_due
         ack_threshold = self.options.batch_size
         max_payload = self.options.max_payload_bytes
-        n_workers = self.options.concurrency
         while True:
             if not queue:
-                drained = self._drained
-                if drained is not None and len(idle) + 1 == n_workers and not drained.done():
-                    drained.set_result(None)
+                self._idling()
                 waiter = loop.create_future()
                 idle.append(waiter)
                 await waiter
@@ -343,6 +340,16 @@ class Consumer:
             elif self._ack_count == 1:
                 loop.call_later(ACK_INTERVAL, ack_due.set)
 
+    def _idling(self) -> None:
+        """A worker found the queue empty: the reader may go on, a drain may be over."""
+        if self._room_waiters and self._may_read():
+            # Read on while the last acks are still on their way, not after they return.
+            self._wake_room_waiters()
+        drained = self._drained
+        everyone_idle = len(self._idle) + 1 == self.options.concurrency
+        if drained is not None and everyone_idle and not drained.done():
+            drained.set_result(None)
+
     async def _work_batches(self, index: int) -> None:
         """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
 
@@ -353,12 +360,9 @@ class Consumer:
         queue = self._queue
         idle = self._idle
         batch_size = self.options.batch_size
-        n_workers = self.options.concurrency
         while True:
             if not queue:
-                drained = self._drained
-                if drained is not None and len(idle) + 1 == n_workers and not drained.done():
-                    drained.set_result(None)
+                self._idling()
                 waiter = loop.create_future()
                 idle.append(waiter)
                 await waiter
