@@ -1,6 +1,7 @@
 """asyncstreams: an asyncio microframework for Redis Streams consumers."""
 
 from .app import App
+from .deadletter import DeadLetter, DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, DecodeError, RedisUnavailableError
 from .message import Message
 
@@ -10,6 +11,8 @@ __all__ = [
     "App",
     "AsyncstreamsError",
     "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterEntry",
     "DecodeError",
     "Message",
     "RedisUnavailableError",

@@ -263,6 +263,13 @@ class App:
             self.redis, stream, field_maps, maxlen=maxlen, approximate=approximate
         )
 
+    async def dead_letters(
+        self, dead_letter: str, *, limit: int = 100
+    ) -> list[deadletter.DeadLetterEntry]:
+        """The first `limit` entries of the dead-letter stream `dead_letter`, read back."""
+        page = await _redis.entries(self.redis, dead_letter, after="-", count=limit)
+        return [deadletter.parse(entry_id, flat, dead_letter) for entry_id, flat in page]
+
     async def replay_dead_letters(self, dead_letter: str, *, limit: int | None = None) -> int:
         """Move entries of the stream `dead_letter` back to the streams they came from.
 
@@ -276,14 +283,11 @@ class App:
             if not page:
                 break
             for entry_id, flat in page[: None if limit is None else limit - moved]:
-                meta, original = deadletter.split(flat)
-                if "stream" not in meta or not original:
-                    raise ConfigurationError(
-                        f"entry {entry_id.decode()} of {dead_letter!r}: expected a dead-letter "
-                        "entry (with !dlq:stream and the original fields), found "
-                        f"{len(flat) // 2} other fields"
-                    )
-                await _redis.move_back(self.redis, dead_letter, entry_id, meta["stream"], original)
+                entry = deadletter.parse(entry_id, flat, dead_letter)
+                _, original = deadletter.split(flat)
+                await _redis.move_back(
+                    self.redis, dead_letter, entry_id, entry.letter.stream, original
+                )
                 moved += 1
             after = page[-1][0]
         return moved

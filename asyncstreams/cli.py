@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from ._redis import check_reachable
 from .app import App
 from .errors import AsyncstreamsError
 from .options import check_url
@@ -115,7 +117,50 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop: uvloop when installed (auto), or plain asyncio",
     )
+    dlq = commands.add_parser(
+        "dead-letters",
+        help="list the entries of a dead-letter stream, or move them back (--replay)",
+    )
+    dlq.add_argument("stream", help='the dead-letter stream, e.g. "task_queue:dead-letter"')
+    dlq.add_argument("--url", type=_url, help="Redis URL (default: $ASYNCSTREAMS_URL)")
+    dlq.add_argument("--limit", type=_workers, default=None, metavar="N", help="at most N entries")
+    dlq.add_argument(
+        "--replay",
+        action="store_true",
+        help="move them back to the streams they came from, as new entries",
+    )
     return parser
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    """`asyncstreams dead-letters STREAM`: one line per entry, or --replay them."""
+    app = App(args.url)
+
+    async def list_or_replay() -> None:
+        try:
+            await check_reachable(app.redis)
+            if args.replay:
+                moved = await app.replay_dead_letters(args.stream, limit=args.limit)
+                print(f"moved {moved} entries of {args.stream} back to their streams")
+                return
+            entries = await app.dead_letters(args.stream, limit=args.limit or 100)
+            for entry in entries:
+                letter = entry.letter
+                error = f"{letter.error}: " if letter.error else ""
+                print(
+                    f"{entry.id}  {letter.stream} {letter.id}  {letter.reason}  "
+                    f"deliveries={letter.deliveries}  {error}{letter.message}"
+                )
+            print(f"{len(entries)} entries of {args.stream} shown", file=sys.stderr)
+        finally:
+            await app.aclose()
+
+    try:
+        asyncio.run(list_or_replay())
+    except AsyncstreamsError as exc:
+        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def configure_logging(level: str) -> None:
@@ -128,6 +173,8 @@ def configure_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "dead-letters":
+        return _dead_letters(args)
     configure_logging(args.log_level)
     if args.embedded and args.url:
         print("asyncstreams: error: --embedded and --url exclude each other", file=sys.stderr)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from .errors import ConfigurationError
+
 PREFIX = b"!dlq:"
 _ESCAPE = b"!"
 
@@ -84,6 +86,15 @@ def dead_letter(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """An entry of a dead-letter stream, read back: why it is there, and what it was."""
+
+    id: str  # its id in the dead-letter stream
+    letter: DeadLetter
+    fields: dict[bytes, bytes]  # the original entry's fields, as they were
+
+
 def split(flat: list[bytes]) -> tuple[dict[str, str], list[bytes]]:
     """A dead-letter entry's (metadata, original flat fields)."""
     meta: dict[str, str] = {}
@@ -97,3 +108,27 @@ def split(flat: list[bytes]) -> tuple[dict[str, str], list[bytes]]:
         else:
             original += [name, value]
     return meta, original
+
+
+def parse(entry_id: bytes, flat: list[bytes], source: str) -> DeadLetterEntry:
+    """Read a dead-letter entry back; ConfigurationError if it is not one."""
+    meta, original = split(flat)
+    if "stream" not in meta or "id" not in meta:
+        raise ConfigurationError(
+            f"entry {entry_id.decode()} of {source!r}: expected a dead-letter entry (with "
+            f"{PREFIX.decode()}stream and {PREFIX.decode()}id fields), found fields "
+            f"{sorted(name.decode(errors='replace') for name in flat[::2])}"
+        )
+    letter = DeadLetter(
+        stream=meta["stream"],
+        id=meta["id"],
+        group=meta.get("group", ""),
+        consumer=meta.get("consumer", ""),
+        deliveries=int(meta.get("deliveries", "0") or 0),
+        reason=meta.get("reason", ""),
+        error=meta.get("error", ""),
+        message=meta.get("message", ""),
+        time_ms=int(meta.get("time", "0") or 0),
+    )
+    pairs = iter(original)
+    return DeadLetterEntry(entry_id.decode(), letter, dict(zip(pairs, pairs, strict=True)))

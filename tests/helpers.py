@@ -145,3 +145,26 @@ class CliProcess:
 def app_env(**settings: Any) -> dict[str, str]:
     """Environment for tests/apps/ledger_app.py."""
     return {f"LEDGER_APP_{key.upper()}": str(value) for key, value in settings.items()}
+
+
+async def deliver(
+    client: aioredis.Redis, stream: str, group: str, consumer: str, count: int = 100
+) -> list[str]:
+    """XREADGROUP `>` as `consumer` and never ack, as a consumer that crashed would.
+
+    Creates the group at "0" (and the stream) when missing; returns the ids delivered.
+    """
+    if not await client.exists(stream) or group not in {
+        g["name"] for g in await client.xinfo_groups(stream)
+    }:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    reply = await client.xreadgroup(group, consumer, {stream: ">"}, count=count)
+    return [entry_id for _, entries in reply for entry_id, _ in entries]
+
+
+async def pending_entries(
+    client: aioredis.Redis, stream: str, group: str
+) -> dict[str, tuple[str, int]]:
+    """The group's pending entries: id -> (consumer, delivery counter), from XPENDING."""
+    rows = await client.xpending_range(stream, group, "-", "+", 1000)
+    return {row["message_id"]: (row["consumer"], row["times_delivered"]) for row in rows}
