@@ -147,8 +147,9 @@ async def check_reachable(client: Redis) -> None:
         ) from None
 
 
-def is_nogroup(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+def is_group_gone(exc: BaseException) -> bool:
+    """The group (NOGROUP) or its stream (Redis 7 ends a blocked read: UNBLOCKED) is gone."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -412,19 +413,26 @@ async def autoclaim(
     """XAUTOCLAIM: (next cursor, claimed entries, how many were found deleted).
 
     Redis 7 drops deleted entries from the PEL itself and lists their ids; Redis 6.2 replies
-    nil for them and leaves them pending, for this consumer's own sweep to find.
+    nil for them and leaves them pending on this consumer, for its own sweep to find and
+    count (so they are not counted here).
     """
     reply = await raw(
         client, "XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count
     )
     entries = [(_bytes(entry[0]), entry[1]) for entry in reply[1] if entry and entry[1] is not None]
-    deleted = len(reply[2]) if len(reply) > 2 else len(reply[1]) - len(entries)
+    deleted = len(reply[2]) if len(reply) > 2 else 0
     return _bytes(reply[0]), entries, deleted
 
 
-async def renew(client: Redis, stream: str, group: str, consumer: str, ids: list[bytes]) -> None:
-    """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID)."""
-    await raw(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+async def renew(
+    client: Redis, stream: str, group: str, consumer: str, ids: list[bytes]
+) -> set[bytes]:
+    """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID).
+
+    Returns those still pending (the others were acked meanwhile).
+    """
+    reply = await raw(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+    return {_bytes(entry_id) for entry_id in reply}
 
 
 async def ack_one(client: Redis, stream: str, group: str, ids: list[bytes]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ class Consumer:
         self._drained: asyncio.Future[None] | None = None
         self._acks: dict[str, list[bytes]] = {stream: [] for stream in options.streams}
         self._acking: dict[str, list[bytes]] = {}
+        # Entries out of deliveries, left pending for want of a dead-letter stream. The
+        # recovery keeps them fresh, so that no consumer claims them over and over.
+        self._parked: dict[str, set[bytes]] = {stream: set() for stream in options.streams}
+        # Entries whose handler raised, by id: (when the retry is due, deliveries so far).
+        self._retries: dict[str, dict[bytes, tuple[float, int]]] = {
+            stream: {} for stream in options.streams
+        }
         self._ack_count = 0
         self._ack_due = asyncio.Event()
         self._stopping = False
@@ -172,7 +180,7 @@ class Consumer:
 
     async def recover(self, exc: Exception, backoff: Backoff) -> bool:
         """Ride out what Redis may get over; False for an error that retrying cannot fix."""
-        if _redis.is_nogroup(exc):
+        if _redis.is_group_gone(exc):
             log.warning("%s: the stream or group is gone (%s); recreating it", self.where, exc)
             try:
                 await self.ensure_groups()
@@ -270,7 +278,7 @@ class Consumer:
 
     async def admit(self, stream: str, entries: list[tuple[bytes, list[bytes], int]]) -> None:
         """Take on claimed entries: run them, or dead-letter those out of deliveries."""
-        held = self.in_flight(stream)
+        held = self.held(stream)
         limit = self.options.max_deliveries
         runnable: list[Entry] = []
         for entry_id, flat, deliveries in entries:
@@ -290,15 +298,41 @@ class Consumer:
         if runnable:
             self._dispatch(runnable)
 
-    def in_flight(self, stream: str) -> set[bytes]:
-        """Ids of the entries of `stream` this consumer holds: queued, running, being acked."""
-        held = {entry[1] for entry in self._queue if entry[0] == stream}
+    def held(self, stream: str) -> set[bytes]:
+        """Ids of the entries of `stream` this consumer holds: queued, running, being acked,
+        waiting for a retry, or parked (out of deliveries with no dead-letter stream)."""
+        held = set(self._parked[stream])
+        held.update(self._retries[stream])
+        held.update(entry[1] for entry in self._queue if entry[0] == stream)
         held.update(entry[1] for entry in self._current if entry is not None and entry[0] == stream)
         for batch in self._current_batches:
             held.update(entry[1] for entry in batch if entry[0] == stream)
         held.update(self._acks[stream])
         held.update(self._acking.get(stream, ()))
         return held
+
+    def unpark(self, stream: str, ids: set[bytes]) -> None:
+        """Entries no longer pending (acked by hand, say): stop holding them."""
+        self._parked[stream] -= ids
+
+    def _retry_later(self, stream: str, entry_id: bytes, deliveries: int) -> float:
+        """Hold a failed entry until its backoff is over; returns the backoff in seconds."""
+        options = self.options
+        backoff: float = options.retry_delay * 2.0 ** (deliveries - 1)
+        delay = min(options.retry_max_delay, backoff) * random.uniform(0.5, 1.0)
+        due = asyncio.get_running_loop().time() + delay
+        self._retries[stream][entry_id] = (due, deliveries)
+        self.stats.retried += 1
+        return delay
+
+    def due_retries(self, stream: str, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` entries whose backoff is over, as (id, deliveries); no longer held."""
+        retries = self._retries[stream]
+        now = asyncio.get_running_loop().time()
+        due = [(i, count) for i, (at, count) in retries.items() if at <= now][: max(limit, 0)]
+        for entry_id, _ in due:
+            del retries[entry_id]
+        return due
 
     # -- handling ----------------------------------------------------------------------
 
@@ -381,7 +415,7 @@ class Consumer:
     async def _run_batch(
         self, batch: list[Entry], held: list[Entry], loop: asyncio.AbstractEventLoop
     ) -> None:
-        """One call of a batch handler; `held` lists what the worker holds (for in_flight)."""
+        """One call of a batch handler; `held` lists what the worker holds (see `held()`)."""
         invoke_batch = self._invoke_batch
         assert invoke_batch is not None
         max_payload = self.options.max_payload_bytes
@@ -440,15 +474,16 @@ class Consumer:
                 )
                 await self._reject(entry, Reason.FAILED, exc)
             else:
-                self.stats.retried += 1
+                delay = self._retry_later(stream, entry_id, deliveries)
                 log.warning(
                     "%s: handler failed on entry %s of %s (delivery %d of %s); it stays "
-                    "pending and runs again after a backoff: %s: %s",
+                    "pending and runs again in %.2f s: %s: %s",
                     self.where,
                     entry_id.decode(),
                     stream,
                     deliveries,
                     limit or "unlimited",
+                    delay,
                     type(exc).__name__,
                     exc,
                     exc_info=exc,
@@ -477,6 +512,9 @@ class Consumer:
         )
         what = f"{letter.reason}: {letter.error + ': ' if letter.error else ''}{letter.message}"
         if target is None:
+            if entry_id in self._parked[stream]:
+                return
+            self._parked[stream].add(entry_id)
             self.stats.parked += 1
             log.error(
                 "%s: entry %s of %s left pending, not run again (no dead-letter stream); %s",
@@ -534,7 +572,7 @@ class Consumer:
             try:
                 await self._acker.ack(batch)
             except BaseException as exc:
-                if _redis.is_nogroup(exc):
+                if _redis.is_group_gone(exc):
                     log.warning("%s: %d acks dropped: the group is gone", self.where, count)
                     self._release(count)
                     continue

@@ -1,19 +1,22 @@
 """Keeping pending entries moving: retries, claims, renewals and forgotten consumers.
 
 Everything here works from Redis' own bookkeeping, the group's pending entries list (PEL),
-so it holds across processes and restarts:
+and its delivery counters, so the bounds hold across processes and restarts:
 
-- Own pending entries. An entry whose handler raised stays pending; when it has been idle
-  for its backoff (retry_delay * 2**(deliveries-1), capped, with jitter), XCLAIM hands it back
-  to this consumer, which counts a delivery, and it runs again. The same sweep finds entries
-  delivered in a reply that never arrived (a connection cut mid-read) and, at start, the
-  entries a consumer of the same name left behind; those come first, before new entries.
+- Retries. An entry whose handler raised stays pending; when its backoff is over
+  (retry_delay * 2**(deliveries-1), capped, with jitter) XCLAIM hands it back to this
+  consumer, which counts a delivery, and it runs again.
+- Own pending entries. At start, the entries a consumer of the same name left behind come
+  first, before new ones. Later, entries pending on this consumer that it does not know of
+  (delivered in a reply that never arrived: a connection cut mid-read) are claimed once idle
+  for half of `claim_idle_ms`.
 - Other consumers' entries. XAUTOCLAIM takes entries idle for `claim_idle_ms` (their
   consumer crashed or hangs). It scans up to 10 x COUNT PEL entries per call, so the scan
   is paced: a call every `claim_idle_ms / 2`, sooner only while it finds work.
-- Renewal. Entries this consumer holds (queued, running, or waiting for their XACK) get
-  their idle time reset every `claim_idle_ms / 3` with XCLAIM ... JUSTID, which counts no
-  delivery; a slow handler is never claimed away while it runs.
+- Renewal. Entries this consumer holds (queued, running, waiting for their XACK or their
+  retry, or parked) get their idle time reset every `claim_idle_ms / 3` with XCLAIM ...
+  JUSTID, which counts no delivery: a slow handler's entry, or one waiting out a long
+  backoff, is never claimed away from a consumer that is alive.
 - Forgotten consumers. Consumers of the group with nothing pending, idle for
   `delete_idle_consumers_after`, are deleted (XGROUP DELCONSUMER), so the unique names of
   past processes do not pile up. One with pending entries is never deleted: that would drop
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -55,7 +57,7 @@ class Recovery:
         self._where = consumer.where
         self.first_pass_done = asyncio.Event()
         self._claim_cursor = dict.fromkeys(options.streams, b"0-0")
-        self._own_interval = min(max(options.retry_delay / 2, 0.05), 1.0)
+        self._retry_interval = min(max(options.retry_delay / 4, 0.01), 0.5)
         self._claim_interval = max(options.claim_idle_ms / 2000, 0.05)
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
         after = options.delete_idle_consumers_after
@@ -71,12 +73,21 @@ class Recovery:
         await self._retrying(lambda: self._sweep_own(first=True), backoff)
         self.first_pass_done.set()
         now = loop.time()
-        due = {"own": now, "claim": now, "renew": now + self._renew_interval, "cleanup": now}
+        due = {
+            "retry": now,
+            "own": now + self._claim_interval,
+            "claim": now,
+            "renew": now + self._renew_interval,
+            "cleanup": now,
+        }
         while not self._consumer.stopping:
             now = loop.time()
+            if due["retry"] <= now:
+                await self._retrying(self._retry_due, backoff)
+                due["retry"] = loop.time() + self._retry_interval
             if due["own"] <= now:
                 await self._retrying(lambda: self._sweep_own(first=False), backoff)
-                due["own"] = loop.time() + self._own_interval
+                due["own"] = loop.time() + self._claim_interval
             if due["claim"] <= now:
                 more = await self._retrying(self._claim_others, backoff)
                 due["claim"] = loop.time() + (CLAIM_STEP if more else self._claim_interval)
@@ -108,14 +119,6 @@ class Recovery:
 
     # -- this consumer's own pending entries ---------------------------------------------
 
-    def _backoff_ms(self, entry_id: bytes, deliveries: int) -> float:
-        options = self._options
-        delay = min(options.retry_max_delay, options.retry_delay * 2 ** max(deliveries - 1, 0))
-        # Jitter that stays put for one entry and delivery count: a sweep every few hundred
-        # ms must not redraw it, or every entry would come due at the low end.
-        jitter = 0.5 + zlib.crc32(entry_id + deliveries.to_bytes(4, "little")) / 2**33
-        return float(delay * 1000 * jitter)
-
     def _parked(self, stream: str, deliveries: int) -> bool:
         """Out of deliveries, with no dead-letter stream to go to: left pending, not run."""
         options = self._options
@@ -125,10 +128,21 @@ class Recovery:
             and options.dead_letter_stream(stream) is None
         )
 
-    async def _sweep_own(self, *, first: bool) -> bool:
-        """Claim back this consumer's pending entries that are due (at start: all of them)."""
+    async def _retry_due(self) -> bool:
+        """Claim back the entries whose handler raised and whose backoff is over."""
         consumer = self._consumer
-        min_idle = 0 if first else int(self._options.retry_delay * 500)
+        for stream in self._options.streams:
+            due = consumer.due_retries(stream, limit=consumer.room())
+            if due:
+                await self._take(stream, due, min_idle=0)
+        return False
+
+    async def _sweep_own(self, *, first: bool) -> bool:
+        """Claim this consumer's pending entries that it does not hold: at start, what a
+        consumer of the same name left behind; later, entries delivered in a reply that never
+        arrived (idle for half of claim_idle_ms, and unknown here)."""
+        consumer = self._consumer
+        min_idle = 0 if first else self._options.claim_idle_ms // 2
         for stream in self._options.streams:
             start: bytes | str = "-"
             while not consumer.stopping:
@@ -146,30 +160,29 @@ class Recovery:
                 )
                 if not page:
                     break
-                held = consumer.in_flight(stream)
-                due = [
-                    p
+                held = consumer.held(stream)
+                lost = [
+                    (p.id, p.deliveries)
                     for p in page
-                    if p.id not in held
-                    and not self._parked(stream, p.deliveries)
-                    and (first or p.idle_ms >= self._backoff_ms(p.id, p.deliveries))
+                    if p.id not in held and not self._parked(stream, p.deliveries)
                 ][:room]
-                if due:
-                    await self._take(stream, due, min_idle)
+                if lost:
+                    await self._take(stream, lost, min_idle)
                 if len(page) < PAGE:
                     break
                 start = b"(" + page[-1].id
         return False
 
-    async def _take(self, stream: str, due: list[_redis.Pending], min_idle: int) -> None:
-        ids = [p.id for p in due]
+    async def _take(self, stream: str, due: list[tuple[bytes, int]], min_idle: int) -> None:
+        """XCLAIM `due` (id, delivery count) entries to this consumer and run them."""
+        ids = [entry_id for entry_id, _ in due]
         claimed = await _redis.claim(
             self._client, stream, self._group, self._name, ids, min_idle_ms=min_idle
         )
         got = {entry_id for entry_id, _ in claimed}
         if len(got) < len(ids):
             await self._drop_trimmed(stream, [i for i in ids if i not in got])
-        deliveries = {p.id: p.deliveries + 1 for p in due}
+        deliveries = {entry_id: count + 1 for entry_id, count in due}
         await self._consumer.admit(
             stream, [(entry_id, flat, deliveries[entry_id]) for entry_id, flat in claimed]
         )
@@ -250,11 +263,11 @@ class Recovery:
     async def _renew(self) -> bool:
         """Reset the idle time of every entry this consumer holds (no delivery counted)."""
         for stream in self._options.streams:
-            held = sorted(self._consumer.in_flight(stream))
+            held = sorted(self._consumer.held(stream))
             for start in range(0, len(held), 1000):
-                await _redis.renew(
-                    self._client, stream, self._group, self._name, held[start : start + 1000]
-                )
+                chunk = held[start : start + 1000]
+                renewed = await _redis.renew(self._client, stream, self._group, self._name, chunk)
+                self._consumer.unpark(stream, set(chunk) - renewed)
         return False
 
     async def _forget_idle_consumers(self) -> bool:
@@ -270,7 +283,7 @@ class Recovery:
                 )
                 log.log(
                     logging.ERROR if dropped else logging.INFO,
-                    "%s: deleted consumer %s of %s (idle %.0f s, nothing pending%s)",
+                    "%s: deleted consumer %s of %s (idle %.1f s, nothing pending%s)",
                     self._where,
                     other.name,
                     stream,
