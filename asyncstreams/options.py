@@ -14,7 +14,7 @@ URL_SCHEMES = ("redis", "rediss", "unix")
 
 # Defaults, chosen from `python -m benchmarks` runs on a 2-core machine (see README, "Tuning").
 DEFAULT_CONCURRENCY = 64
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 500
 DEFAULT_BLOCK_MS = 2_000
 DEFAULT_START_ID = "0"
 DEFAULT_GRACE_PERIOD = 10.0
