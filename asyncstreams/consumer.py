@@ -339,7 +339,6 @@ class Consumer:
     async def _work(self, index: int) -> None:
         loop = asyncio.get_running_loop()
         queue = self._queue
-        idle = self._idle
         current = self._current
         invoke = self._invoke
         acks = self._acks
@@ -348,10 +347,7 @@ class Consumer:
         max_payload = self.options.max_payload_bytes
         while True:
             if not queue:
-                self._idling()
-                waiter = loop.create_future()
-                idle.append(waiter)
-                await waiter
+                await self._park()
                 continue
             entry = current[index] = queue.popleft()
             stream, entry_id, flat, deliveries = entry
@@ -366,6 +362,7 @@ class Consumer:
                 await self._failed(entry, exc)
                 current[index] = None
                 continue
+            # Acked inline, not through _acked_batch: this runs once per entry.
             acks[stream].append(entry_id)
             current[index] = None
             self._ack_count += 1
@@ -374,15 +371,21 @@ class Consumer:
             elif self._ack_count == 1:
                 loop.call_later(ACK_INTERVAL, ack_due.set)
 
-    def _idling(self) -> None:
-        """A worker found the queue empty: the reader may go on, a drain may be over."""
+    async def _park(self) -> None:
+        """A worker found the queue empty: wait until the reader queues entries.
+
+        The reader may read on now (while the last acks are still on their way, not after
+        they return), and a drain is over when the last worker parks.
+        """
         if self._room_waiters and self._may_read():
-            # Read on while the last acks are still on their way, not after they return.
             self._wake_room_waiters()
         drained = self._drained
         everyone_idle = len(self._idle) + 1 == self.options.concurrency
         if drained is not None and everyone_idle and not drained.done():
             drained.set_result(None)
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        await waiter
 
     async def _work_batches(self, index: int) -> None:
         """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
@@ -392,14 +395,10 @@ class Consumer:
         """
         loop = asyncio.get_running_loop()
         queue = self._queue
-        idle = self._idle
         batch_size = self.options.batch_size
         while True:
             if not queue:
-                self._idling()
-                waiter = loop.create_future()
-                idle.append(waiter)
-                await waiter
+                await self._park()
                 continue
             taken = self._current_batches[index] = [
                 queue.popleft() for _ in range(min(len(queue), batch_size))
