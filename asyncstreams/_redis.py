@@ -439,19 +439,48 @@ async def ack_one(client: Redis, stream: str, group: str, ids: list[bytes]) -> N
     await raw(client, "XACK", stream, group, *ids)
 
 
+async def transaction(client: Redis, *commands: tuple[str | bytes, ...]) -> list[Any]:
+    """MULTI, `commands`, EXEC on one pooled connection; the results EXEC returns.
+
+    MULTI goes first, on its own, and must answer OK: were it refused (an ACL without
+    +multi), the commands sent after it would run one by one, not as a transaction. A
+    command refused while queued aborts the whole transaction (EXECABORT). A command that
+    fails while EXEC runs does not stop the others: its result is the error.
+    """
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await exchange(conn, pack(("MULTI",)))
+        packed = b"".join(pack(command) for command in commands) + pack(("EXEC",))
+        replies = await exchange(conn, packed, len(commands) + 1)
+    finally:
+        await pool.release(conn)
+    results: list[Any] = replies[-1]
+    return results
+
+
 async def move(
     client: Redis,
     stream: str,
     group: str,
+    consumer: str,
     entry_id: bytes,
     target: str,
     fields: list[bytes | str],
 ) -> None:
-    """XADD `fields` to `target` and XACK `entry_id`, in one MULTI: never both, never neither."""
-    async with client.pipeline(transaction=True) as multi:
-        multi.execute_command("XADD", target, "*", *fields)
-        multi.execute_command("XACK", stream, group, entry_id)
-        await multi.execute()
+    """XADD `fields` to `target` and XACK `entry_id`, in one MULTI: never both, never neither.
+
+    If the XADD fails as the transaction runs (the target holds another type, say), the
+    XACK has run all the same: the entry is put back in the PEL (XCLAIM ... FORCE) and the
+    error raised, so it stays pending.
+    """
+    added, acked = await transaction(
+        client, ("XADD", target, "*", *fields), ("XACK", stream, group, entry_id)
+    )
+    if isinstance(added, ResponseError):
+        if acked:
+            await raw(client, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
+        raise added
 
 
 class ConsumerInfo(NamedTuple):
@@ -484,11 +513,20 @@ async def entries(client: Redis, stream: str, *, after: bytes | str, count: int)
 
 
 async def move_back(
-    client: Redis, source: str, entry_id: bytes, target: str, fields: list[bytes]
+    client: Redis,
+    source: str,
+    entry_id: bytes,
+    source_fields: list[bytes],
+    target: str,
+    fields: list[bytes],
 ) -> str:
-    """XADD `fields` to `target` and XDEL `entry_id` from `source`, in one MULTI."""
-    async with client.pipeline(transaction=True) as multi:
-        multi.execute_command("XADD", target, "*", *fields)
-        multi.execute_command("XDEL", source, entry_id)
-        new_id, _ = await multi.execute()
+    """XADD `fields` to `target` and XDEL `entry_id` (whose fields are `source_fields`)
+    from `source`, in one MULTI. If the XADD fails as it runs, the XDEL has run all the
+    same: the entry is added back to `source` (under a new id) and the error raised."""
+    new_id, _ = await transaction(
+        client, ("XADD", target, "*", *fields), ("XDEL", source, entry_id)
+    )
+    if isinstance(new_id, ResponseError):
+        await raw(client, "XADD", source, "*", *source_fields)
+        raise new_id
     return _text(new_id)

@@ -286,7 +286,7 @@ class App:
                 entry = deadletter.parse(entry_id, flat, dead_letter)
                 _, original = deadletter.split(flat)
                 await _redis.move_back(
-                    self.redis, dead_letter, entry_id, entry.letter.stream, original
+                    self.redis, dead_letter, entry_id, flat, entry.letter.stream, original
                 )
                 moved += 1
             after = page[-1][0]

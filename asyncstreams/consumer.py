@@ -525,9 +525,17 @@ class Consumer:
             return
         try:
             await _redis.move(
-                self.client, stream, self.options.group, entry_id, target, letter.fields(flat)
+                self.client,
+                stream,
+                self.options.group,
+                self.name,
+                entry_id,
+                target,
+                letter.fields(flat),
             )
         except Exception as move_failed:
+            # Held, and tried again after a backoff: not claimed over and over meanwhile.
+            self._retry_later(stream, entry_id, deliveries)
             log.error(
                 "%s: could not move entry %s of %s to %s (%s: %s); it stays pending; %s",
                 self.where,
