@@ -125,18 +125,23 @@ class HandlerPlan:
         def invoke_batch(
             entries: list[Entry],
         ) -> tuple[list[Entry], list[tuple[Entry, DecodeError]], Awaitable[Any] | None]:
-            passed: list[Entry] = []
+            passed: list[Entry] = entries
             rejected: list[tuple[Entry, DecodeError]] = []
-            columns: list[list[Any]] = [[] for _ in makers]
-            for entry in entries:
-                try:
-                    values = [make(*entry) for make in makers]
-                except DecodeError as exc:
-                    rejected.append((entry, exc))
-                    continue
-                passed.append(entry)
-                for column, value in zip(columns, values, strict=True):
-                    column.append(value)
+            try:
+                columns = [[make(*entry) for entry in entries] for make in makers]
+            except DecodeError:
+                # Some entry does not decode: sort them out one by one (the rare case).
+                passed = []
+                columns = [[] for _ in makers]
+                for entry in entries:
+                    try:
+                        values = [make(*entry) for make in makers]
+                    except DecodeError as exc:
+                        rejected.append((entry, exc))
+                        continue
+                    passed.append(entry)
+                    for column, value in zip(columns, values, strict=True):
+                        column.append(value)
             if not passed:
                 return passed, rejected, None
             positional = [c for c, k in zip(columns, keywords, strict=True) if k is None]

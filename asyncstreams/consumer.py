@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from ._backoff import Backoff, Outage
 from ._redis import Acker, GroupReader, Redis
 from ._tasks import cancel_and_wait
 from .codec import HandlerPlan
-from .deadletter import Reason, dead_letter
-from .errors import DecodeError
+from .deadletter import Reason
+from .failures import Failures, TooLarge
 from .message import Entry
 from .options import ConsumerOptions
 from .recovery import Recovery
@@ -51,19 +50,8 @@ STOP_TIMEOUT = 5.0
 @dataclass(slots=True)
 class Stats:
     acked: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    parked: int = 0
     cancelled: int = 0
     left_pending: int = 0
-
-
-class _TooLarge(Exception):
-    """An entry larger than max_payload_bytes."""
-
-
-def _too_large(entry: Entry, limit: int) -> str:
-    return f"entry is {sum(map(len, entry[2]))} bytes, more than max_payload_bytes={limit}"
 
 
 class Consumer:
@@ -86,6 +74,7 @@ class Consumer:
         self._invoke_batch = plan.bind_batch(options.group, name) if plan.batch else None
         self._reader = GroupReader(client, options.streams, options.group, name, options.block_ms)
         self._acker = Acker(client, options.group)
+        self.failures = Failures(client, options, name, self.where)
         self._recovery = Recovery(self)
         self._n_streams = len(options.streams)
         self._limit = options.concurrency + options.batch_size
@@ -100,13 +89,6 @@ class Consumer:
         self._drained: asyncio.Future[None] | None = None
         self._acks: dict[str, list[bytes]] = {stream: [] for stream in options.streams}
         self._acking: dict[str, list[bytes]] = {}
-        # Entries out of deliveries, left pending for want of a dead-letter stream. The
-        # recovery keeps them fresh, so that no consumer claims them over and over.
-        self._parked: dict[str, set[bytes]] = {stream: set() for stream in options.streams}
-        # Entries whose handler raised, by id: (when the retry is due, deliveries so far).
-        self._retries: dict[str, dict[bytes, tuple[float, int]]] = {
-            stream: {} for stream in options.streams
-        }
         self._ack_count = 0
         self._ack_due = asyncio.Event()
         self._stopping = False
@@ -286,7 +268,7 @@ class Consumer:
                 continue  # already ours and on its way: never run one entry twice at once
             entry = (stream, entry_id, flat, deliveries)
             if limit is not None and deliveries > limit:
-                await self._reject(
+                await self.failures.reject(
                     entry,
                     Reason.FAILED,
                     None,
@@ -301,8 +283,7 @@ class Consumer:
     def held(self, stream: str) -> set[bytes]:
         """Ids of the entries of `stream` this consumer holds: queued, running, being acked,
         waiting for a retry, or parked (out of deliveries with no dead-letter stream)."""
-        held = set(self._parked[stream])
-        held.update(self._retries[stream])
+        held = self.failures.held(stream)
         held.update(entry[1] for entry in self._queue if entry[0] == stream)
         held.update(entry[1] for entry in self._current if entry is not None and entry[0] == stream)
         for batch in self._current_batches:
@@ -310,29 +291,6 @@ class Consumer:
         held.update(self._acks[stream])
         held.update(self._acking.get(stream, ()))
         return held
-
-    def unpark(self, stream: str, ids: set[bytes]) -> None:
-        """Entries no longer pending (acked by hand, say): stop holding them."""
-        self._parked[stream] -= ids
-
-    def _retry_later(self, stream: str, entry_id: bytes, deliveries: int) -> float:
-        """Hold a failed entry until its backoff is over; returns the backoff in seconds."""
-        options = self.options
-        backoff: float = options.retry_delay * 2.0 ** (deliveries - 1)
-        delay = min(options.retry_max_delay, backoff) * random.uniform(0.5, 1.0)
-        due = asyncio.get_running_loop().time() + delay
-        self._retries[stream][entry_id] = (due, deliveries)
-        self.stats.retried += 1
-        return delay
-
-    def due_retries(self, stream: str, limit: int) -> list[tuple[bytes, int]]:
-        """Up to `limit` entries whose backoff is over, as (id, deliveries); no longer held."""
-        retries = self._retries[stream]
-        now = asyncio.get_running_loop().time()
-        due = [(i, count) for i, (at, count) in retries.items() if at <= now][: max(limit, 0)]
-        for entry_id, _ in due:
-            del retries[entry_id]
-        return due
 
     # -- handling ----------------------------------------------------------------------
 
@@ -353,7 +311,7 @@ class Consumer:
             stream, entry_id, flat, deliveries = entry
             try:
                 if max_payload is not None and sum(map(len, flat)) > max_payload:
-                    raise _TooLarge(_too_large(entry, max_payload))
+                    raise TooLarge(entry, max_payload)
                 await invoke(stream, entry_id, flat, deliveries)
             except asyncio.CancelledError:
                 self.stats.cancelled += 1
@@ -407,26 +365,27 @@ class Consumer:
             retries = [[entry] for entry in taken if entry[3] > 1]
             try:
                 for batch in [first, *retries] if first else retries:
-                    await self._run_batch(batch, taken, loop)
+                    await self._run_batch(batch, loop)
             finally:
                 self._current_batches[index] = []
 
-    async def _run_batch(
-        self, batch: list[Entry], held: list[Entry], loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """One call of a batch handler; `held` lists what the worker holds (see `held()`)."""
+    async def _run_batch(self, batch: list[Entry], loop: asyncio.AbstractEventLoop) -> None:
+        """One call of a batch handler. Entries too large or that do not decode are split
+        out and dealt with one by one; the others go to the handler together."""
         invoke_batch = self._invoke_batch
         assert invoke_batch is not None
         max_payload = self.options.max_payload_bytes
         if max_payload is not None:
-            for entry in [e for e in batch if sum(map(len, e[2])) > max_payload]:
-                await self._failed(entry, _TooLarge(_too_large(entry, max_payload)))
-                held.remove(entry)  # only now: it is in flight until dealt with
-        # Entries that do not decode are split out; the others still run.
+            fits = []
+            for entry in batch:
+                if sum(map(len, entry[2])) > max_payload:
+                    await self._failed(entry, TooLarge(entry, max_payload))
+                else:
+                    fits.append(entry)
+            batch = fits
         passed, rejected, call = invoke_batch(batch)
         for entry, exc in rejected:
             await self._failed(entry, exc)
-            held.remove(entry)
         if call is None:
             return
         try:
@@ -435,13 +394,20 @@ class Consumer:
             self.stats.cancelled += len(passed)
             raise
         except Exception as exc:
+            log.warning(
+                "%s: handler failed on a batch of %d entries (%s to %s of %s); each stays "
+                "pending and runs again on its own",
+                self.where,
+                len(passed),
+                passed[0][1].decode(),
+                passed[-1][1].decode(),
+                ",".join(sorted({entry[0] for entry in passed})),
+                exc_info=exc,
+            )
             for entry in passed:
-                await self._failed(entry, exc)
-                held.remove(entry)
+                await self._failed(entry, exc, logged=True)
         else:
             self._acked_batch(passed, loop)
-            for entry in passed:
-                held.remove(entry)
 
     def _acked_batch(self, entries: list[Entry], loop: asyncio.AbstractEventLoop) -> None:
         for stream, entry_id, _, _ in entries:
@@ -452,111 +418,12 @@ class Consumer:
         else:
             loop.call_later(ACK_INTERVAL, self._ack_due.set)
 
-    async def _failed(self, entry: Entry, exc: Exception) -> None:
-        """The handler raised, or the entry cannot be handled: retry, or dead-letter it."""
-        stream, entry_id, _, deliveries = entry
-        limit = self.options.max_deliveries
+    async def _failed(self, entry: Entry, exc: Exception, *, logged: bool = False) -> None:
+        """The entry was not handled: retried later, dead-lettered, or parked (failures.py)."""
         try:
-            if isinstance(exc, _TooLarge):
-                await self._reject(entry, Reason.TOO_LARGE, None, str(exc))
-            elif isinstance(exc, DecodeError):
-                await self._reject(entry, Reason.UNDECODABLE, exc)
-            elif limit is not None and deliveries >= limit:
-                log.error(
-                    "%s: handler failed on entry %s of %s on its last delivery (%d of %d)",
-                    self.where,
-                    entry_id.decode(),
-                    stream,
-                    deliveries,
-                    limit,
-                    exc_info=exc,
-                )
-                await self._reject(entry, Reason.FAILED, exc)
-            else:
-                delay = self._retry_later(stream, entry_id, deliveries)
-                log.warning(
-                    "%s: handler failed on entry %s of %s (delivery %d of %s); it stays "
-                    "pending and runs again in %.2f s: %s: %s",
-                    self.where,
-                    entry_id.decode(),
-                    stream,
-                    deliveries,
-                    limit or "unlimited",
-                    delay,
-                    type(exc).__name__,
-                    exc,
-                    exc_info=exc,
-                )
+            await self.failures.failed(entry, exc, logged=logged)
         finally:
             self._release(1)
-
-    async def _reject(
-        self, entry: Entry, reason: str, exc: BaseException | None, message: str = ""
-    ) -> None:
-        """Move an entry to the dead-letter stream (XADD + XACK in one MULTI).
-
-        Without a dead-letter stream, or when the move fails, the entry stays pending.
-        """
-        stream, entry_id, flat, deliveries = entry
-        target = self.options.dead_letter_stream(stream)
-        letter = dead_letter(
-            stream=stream,
-            entry_id=entry_id,
-            group=self.options.group,
-            consumer=self.name,
-            deliveries=deliveries,
-            reason=reason,
-            error=exc,
-            message=message,
-        )
-        what = f"{letter.reason}: {letter.error + ': ' if letter.error else ''}{letter.message}"
-        if target is None:
-            if entry_id in self._parked[stream]:
-                return
-            self._parked[stream].add(entry_id)
-            self.stats.parked += 1
-            log.error(
-                "%s: entry %s of %s left pending, not run again (no dead-letter stream); %s",
-                self.where,
-                letter.id,
-                stream,
-                what,
-            )
-            return
-        try:
-            await _redis.move(
-                self.client,
-                stream,
-                self.options.group,
-                self.name,
-                entry_id,
-                target,
-                letter.fields(flat),
-            )
-        except Exception as move_failed:
-            # Held, and tried again after a backoff: not claimed over and over meanwhile.
-            self._retry_later(stream, entry_id, deliveries)
-            log.error(
-                "%s: could not move entry %s of %s to %s (%s: %s); it stays pending; %s",
-                self.where,
-                letter.id,
-                stream,
-                target,
-                type(move_failed).__name__,
-                move_failed,
-                what,
-            )
-            return
-        self.stats.dead_lettered += 1
-        log.error(
-            "%s: entry %s of %s moved to dead-letter stream %s (delivery %d); %s",
-            self.where,
-            letter.id,
-            stream,
-            target,
-            deliveries,
-            what,
-        )
 
     # -- acking ------------------------------------------------------------------------
 
@@ -654,8 +521,8 @@ class Consumer:
             "%s: stopped; %d acked, %d retried, %d dead-lettered, %d cancelled, %d never started%s",
             self.where,
             stats.acked,
-            stats.retried,
-            stats.dead_lettered,
+            self.failures.retried,
+            self.failures.dead_lettered,
             stats.cancelled,
             stats.left_pending,
             f", {unacked} acks not sent (entries stay pending)" if unacked else "",

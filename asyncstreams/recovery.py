@@ -119,20 +119,11 @@ class Recovery:
 
     # -- this consumer's own pending entries ---------------------------------------------
 
-    def _parked(self, stream: str, deliveries: int) -> bool:
-        """Out of deliveries, with no dead-letter stream to go to: left pending, not run."""
-        options = self._options
-        return (
-            options.max_deliveries is not None
-            and deliveries >= options.max_deliveries
-            and options.dead_letter_stream(stream) is None
-        )
-
     async def _retry_due(self) -> bool:
         """Claim back the entries whose handler raised and whose backoff is over."""
         consumer = self._consumer
         for stream in self._options.streams:
-            due = consumer.due_retries(stream, limit=consumer.room())
+            due = consumer.failures.due_retries(stream, limit=consumer.room())
             if due:
                 await self._take(stream, due, min_idle=0)
         return False
@@ -164,7 +155,7 @@ class Recovery:
                 lost = [
                     (p.id, p.deliveries)
                     for p in page
-                    if p.id not in held and not self._parked(stream, p.deliveries)
+                    if p.id not in held and not consumer.failures.is_parked(stream, p.deliveries)
                 ][:room]
                 if lost:
                     await self._take(stream, lost, min_idle)
@@ -267,7 +258,7 @@ class Recovery:
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]
                 renewed = await _redis.renew(self._client, stream, self._group, self._name, chunk)
-                self._consumer.unpark(stream, set(chunk) - renewed)
+                self._consumer.failures.unpark(stream, set(chunk) - renewed)
         return False
 
     async def _forget_idle_consumers(self) -> bool:

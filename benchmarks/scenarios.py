@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
+from asyncstreams.options import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY
+
 from . import steps
 from .config import Config
 from .impls import asyncstreams_impl
@@ -90,12 +92,12 @@ def drain(config: Config) -> list[Step]:
     no_fs = _faststream_missing()
     row = partial(Step, "drain", "no-op", repeat=config.repeat, data=data)
     return [
-        row("asyncstreams", "asyncstreams (defaults: concurrency=64, batch_size=100)",
-            "asyncstreams", _drain("asyncstreams")),
+        row("asyncstreams", f"asyncstreams (defaults: concurrency={DEFAULT_CONCURRENCY}, "
+            f"batch_size={DEFAULT_BATCH_SIZE})", "asyncstreams", _drain("asyncstreams")),
         row("asyncstreams-asyncio", "asyncstreams (asyncio loop)", "asyncstreams",
             _drain("asyncstreams", loop="asyncio")),
-        row("asyncstreams-500", "asyncstreams (batch_size=500, as the baselines read)",
-            "asyncstreams", _drain("asyncstreams", batch_size=500)),
+        row("asyncstreams-100", "asyncstreams (batch_size=100)",
+            "asyncstreams", _drain("asyncstreams", batch_size=100)),
         row("asyncstreams-batch", "asyncstreams batch handler (list[Task])", "asyncstreams",
             _drain("asyncstreams", shape="batch"), skip=asyncstreams_impl.batch_handlers()),
         row("inline", INLINE, "baseline", _drain("baseline-inline"), ref="asyncstreams"),
