@@ -13,7 +13,9 @@ recovery asks Redis for more than `concurrency + batch_size - _outstanding`, so 
 flat under any backlog.
 
 The per-entry path uses plain asyncio futures and a deque rather than anyio primitives:
-a fixed pool of worker tasks pulling from a deque costs no task creation per entry.
+a fixed pool of worker tasks pulling from a deque costs no task creation per entry. Measured
+on uvloop (2-core machine, a no-op coroutine per entry): anyio's `start_soon` in one task
+group, 18,500 entries/s; `loop.create_task` per entry, 171,000/s; the worker pool, 2,070,000/s.
 """
 
 from __future__ import annotations
