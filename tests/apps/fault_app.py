@@ -19,13 +19,14 @@ how the run ended ("ok", "raised" or "cancelled"). A run cut short by SIGKILL ha
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
 import msgspec
 
 from asyncstreams import App, Message
+
+from .ledger import append
 
 env = os.environ.get
 
@@ -63,12 +64,7 @@ app = App(grace_period=float(env("FAULT_APP_GRACE", "10")))
 
 
 def record(event: dict[str, object]) -> None:
-    line = (json.dumps(event) + "\n").encode()
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append(LEDGER, event)
 
 
 @app.consumer(

@@ -9,11 +9,12 @@ what was handled, by which process, and whether two runs of one entry overlapped
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
 from asyncstreams import App, Message
+
+from .ledger import append
 
 env = os.environ.get
 STREAMS = env("LEDGER_APP_STREAMS", "ledger").split(",")
@@ -24,12 +25,7 @@ app = App(grace_period=float(env("LEDGER_APP_GRACE", "10")))
 
 
 def record(event: dict[str, object]) -> None:
-    line = (json.dumps(event) + "\n").encode()
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append(LEDGER, event)
 
 
 @app.consumer(

@@ -8,7 +8,6 @@ the app publishes to itself from its lifespan before its consumers start (for --
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +16,8 @@ from contextlib import asynccontextmanager
 import msgspec
 
 from asyncstreams import App, Message
+
+from .ledger import append
 
 env = os.environ.get
 STREAM = env("TYPED_APP_STREAM", "tasks")
@@ -55,8 +56,4 @@ async def process(task: Task, msg: Message) -> None:
         "created_at": task.created_at,
         "created_at_type": type(task.created_at).__name__,
     }
-    fd = os.open(LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(fd)
+    append(LEDGER, record)
