@@ -3,7 +3,6 @@ and the handler ledger that test apps write."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
+
+from .apps import ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,10 +79,7 @@ class Run:
 
 def read_ledger(path: Path) -> list[Run]:
     runs: dict[tuple[str, int, float], Run] = {}
-    if not path.exists():
-        return []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in ledger.read(path):
         key = (record["id"], record["pid"], record["start"])
         if record["event"] == "start":
             runs[key] = Run(record["id"], record["pid"], record["start"], None, record["fields"])

@@ -31,6 +31,8 @@ from typing import Any
 
 import redis
 
+from .apps import ledger
+
 # Worker output that means a bug whatever the test: asyncio's complaints about tasks and
 # coroutines, and ResourceWarnings about sockets and transports left open.
 FORBIDDEN_OUTPUT = (
@@ -175,10 +177,7 @@ class Run:
 
 def read_runs(path: Path) -> list[Run]:
     runs: dict[tuple[str, int, float], Run] = {}
-    if not path.exists():
-        return []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in ledger.read(path):
         key = (record["id"], record["pid"], record["start"])
         if record["event"] == "start":
             runs[key] = Run(

@@ -8,7 +8,6 @@ asyncio and uvloop would only double the waiting. Redis is checked with the sync
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ import redis
 
 from asyncstreams.embedded import EmbeddedRedis, free_port
 
+from .apps.ledger import read as read_events
 from .conftest import Names
 from .helpers import CliProcess, app_env, read_ledger
 
@@ -151,12 +151,6 @@ def worker_pids(output: str) -> set[int]:
 
 def consumer_names(output: str) -> list[str]:
     return re.findall(r"consuming streams=\S+ group=\S+ consumer=(\S+)", output)
-
-
-def read_typed_ledger(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def ledger_env(names: Names, ledger: Path, **settings: object) -> dict[str, str]:
@@ -393,7 +387,7 @@ def test_seed_producer_feeds_typed_handler(
     wait_drained(redis_client, names.stream, names.group, cli)
 
     assert stop(cli) == 0, cli.output()
-    records = read_typed_ledger(ledger)
+    records = read_events(ledger)
     assert sorted((record["id"] for record in records), key=id_key) == list(produced)
     for record in records:
         task_id, data, created_at = produced[record["id"]]
@@ -729,12 +723,10 @@ def test_embedded_redis_serves_the_app_and_stops_with_it(
         assert cli.output().count(f"{RUNNING} on 127.0.0.1:{port}") == workers
         # Each process publishes 5 tasks from the app's lifespan; each task is handled once.
         expected = sorted(f"self-{n}" for n in range(5) for _ in range(workers))
-        wait_until(
-            lambda: len(read_typed_ledger(ledger)) == len(expected), what="tasks handled", cli=cli
-        )
+        wait_until(lambda: len(read_events(ledger)) == len(expected), what="tasks handled", cli=cli)
 
         assert stop(cli) == 0, cli.output()
-        records = read_typed_ledger(ledger)
+        records = read_events(ledger)
         assert sorted(record["task_id"] for record in records) == expected
         assert len({record["id"] for record in records}) == len(expected)
         assert {record["created_at_type"] for record in records} == {"float"}

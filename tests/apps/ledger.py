@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+from typing import Any
 
 
 def append(path: str, event: dict[str, object]) -> None:
@@ -16,3 +18,11 @@ def append(path: str, event: dict[str, object]) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The events written so far; a line still being written (no newline yet) is left out."""
+    if not path.exists():
+        return []
+    complete = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line]
