@@ -62,7 +62,6 @@ class Recovery:
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
         after = options.delete_idle_consumers_after
         self._cleanup_interval = None if after is None else min(max(after / 2, 1.0), 300.0)
-        self.trimmed = 0
         # True while a step talks to Redis (a stop then lets it finish); False between steps.
         self.busy = False
 
@@ -188,7 +187,6 @@ class Recovery:
         self._count_trimmed(stream, len(gone))
 
     def _count_trimmed(self, stream: str, count: int) -> None:
-        self.trimmed += count
         log.warning(
             "%s: %d pending entries of %s were deleted (trimmed) before they were handled; "
             "removed from the pending entries list",
