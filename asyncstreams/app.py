@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from itertools import chain
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -284,7 +285,7 @@ class App:
                 break
             for entry_id, flat in page[: None if limit is None else limit - moved]:
                 entry = deadletter.parse(entry_id, flat, dead_letter)
-                _, original = deadletter.split(flat)
+                original = list(chain.from_iterable(entry.fields.items()))
                 await _redis.move_back(
                     self.redis, dead_letter, entry_id, flat, entry.letter.stream, original
                 )

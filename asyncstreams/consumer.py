@@ -414,10 +414,11 @@ class Consumer:
     def _acked_batch(self, entries: list[Entry], loop: asyncio.AbstractEventLoop) -> None:
         for stream, entry_id, _, _ in entries:
             self._acks[stream].append(entry_id)
+        first = self._ack_count == 0
         self._ack_count += len(entries)
         if self._ack_count >= self.options.batch_size or self._room_waiters:
             self._ack_due.set()
-        else:
+        elif first:  # as in _work: one timer per ack batch, not one per call
             loop.call_later(ACK_INTERVAL, self._ack_due.set)
 
     async def _failed(self, entry: Entry, exc: Exception, *, logged: bool = False) -> None:
