@@ -2,7 +2,13 @@
 
 from .app import App
 from .deadletter import DeadLetter, DeadLetterEntry
-from .errors import AsyncstreamsError, ConfigurationError, DecodeError, RedisUnavailableError
+from .errors import (
+    AsyncstreamsError,
+    ConfigurationError,
+    DecodeError,
+    RedisRefusedError,
+    RedisUnavailableError,
+)
 from .message import Message
 
 __version__ = "0.1.0"
@@ -15,6 +21,7 @@ __all__ = [
     "DeadLetterEntry",
     "DecodeError",
     "Message",
+    "RedisRefusedError",
     "RedisUnavailableError",
     "__version__",
 ]

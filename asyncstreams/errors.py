@@ -16,4 +16,9 @@ class DecodeError(AsyncstreamsError):
 
 
 class RedisUnavailableError(AsyncstreamsError):
-    """Raised when Redis cannot be reached or refuses us while the app starts."""
+    """Raised when Redis cannot be reached while the app starts."""
+
+
+class RedisRefusedError(AsyncstreamsError):
+    """Raised when Redis answers but refuses the app as it starts: a failed login, a missing
+    ACL permission, or a read-only replica where the primary was expected."""
