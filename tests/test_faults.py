@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -32,8 +33,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from asyncstreams._process import die_with_parent
-from asyncstreams.embedded import EmbeddedRedis, find_redis_server, free_port
+from asyncstreams.embedded import EmbeddedRedis, free_port
 
+from .capabilities import server_binary, tls_missing
 from .conftest import Names
 from .helpers import CliProcess
 from .jepsen import (
@@ -960,8 +962,8 @@ class TlsRedis:
     def start(self, users: list[str]) -> TlsRedis:
         self.port = free_port()
         command = [
-            # The one on PATH: TLS is a build option (the embedded extra's 6.2 has none).
-            find_redis_server(),
+            # The suite's binary; the certs fixture has checked that it serves TLS.
+            server_binary(),
             "--port", "0",
             "--tls-port", str(self.port),
             "--bind", "127.0.0.1",
@@ -1014,11 +1016,18 @@ class TlsRedis:
                 process.wait()
 
 
-@pytest.fixture
-def certs(tmp_path: Path) -> Certs:
-    directory = tmp_path / "certs"
-    directory.mkdir()
-    return make_certs(directory)
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """The TLS test's certificates, made once. Skips the tests that use them, saying why,
+    when the suite's redis-server cannot serve TLS (a build option: the `embedded` extra's
+    Redis 6.2 was built without it); a session asks once, by starting it with them."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH: the TLS test makes its certificates with it")
+    certs = make_certs(tmp_path_factory.mktemp("certs"))
+    missing = tls_missing(server_binary(), certs.server_cert, certs.server_key, certs.ca)
+    if missing is not None:
+        pytest.skip(missing)
+    return certs
 
 
 def test_least_privilege_acl_user_over_tls(faults: Faults, certs: Certs, tmp_path: Path) -> None:
