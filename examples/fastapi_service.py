@@ -1,6 +1,10 @@
 """An asyncio web service that also consumes a stream: an App embedded in FastAPI.
 
-    ASYNCSTREAMS_URL=redis://localhost:6379/0 uvicorn examples.fastapi_service:api
+It needs the `examples` extra (FastAPI and uvicorn; `dev` includes it). From the root of a
+checkout, with a Redis at $ASYNCSTREAMS_URL:
+
+    .venv/bin/pip install -e ".[examples]"
+    ASYNCSTREAMS_URL=redis://localhost:6379/0 .venv/bin/uvicorn examples.fastapi_service:api
 
 The FastAPI lifespan enters `async with worker:`, so the consumers run in the background, on
 the web service's event loop, and stop (handlers finished, acks sent) when it shuts down.
