@@ -7,12 +7,13 @@ the same case that the row is compared with (the table's "asyncstreams ÷ this" 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from asyncstreams.options import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY
+from asyncstreams import App
 
 from . import steps
 from .config import Config
@@ -28,6 +29,10 @@ INLINE = "baseline: inline loop (XREADGROUP COUNT 500, handler inline, one XACK 
 TASKS = "baseline: task per message, {n} in flight, acks batched"
 FASTSTREAM = "FastStream StreamSub with a group, defaults"
 FASTSTREAM_BATCH = "FastStream StreamSub batch=True, max_records=500"
+# The defaults the "asyncstreams (defaults: ...)" row runs with, from the public signature.
+_CONSUMER_DEFAULTS = inspect.signature(App.consumer).parameters
+DEFAULT_CONCURRENCY = _CONSUMER_DEFAULTS["concurrency"].default
+DEFAULT_BATCH_SIZE = _CONSUMER_DEFAULTS["batch_size"].default
 
 
 @dataclass(frozen=True)
