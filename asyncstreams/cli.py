@@ -1,4 +1,5 @@
-"""`asyncstreams run module:app`: argument parsing, importing the app, logging set-up."""
+"""The `asyncstreams` command: `run module:app` (argument parsing, importing the app, logging
+set-up, exit codes) and `dead-letters STREAM`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from ._redis import check_reachable
 from .app import App
-from .errors import AsyncstreamsError
+from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
 from .options import check_url
-from .runner import WORKER_URL_ENV, RunConfig, run, supervise
+from .runner import WORKER_URL_ENV, RunConfig, display_path, run, supervise
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -35,6 +37,10 @@ def import_app(target: str) -> App:
         sys.path.insert(0, os.getcwd())  # as `python -m` does, for the console script too
     try:
         module = importlib.import_module(module_name)
+    except ConfigurationError as exc:
+        # Raised by the module's own code, e.g. `@app.consumer(..., concurrency=0)`: name
+        # the line that did it (the traceback would only show asyncstreams' internals too).
+        raise ConfigurationError(f"{_caller(exc)}{exc}") from None
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if module_name == missing or module_name.startswith(missing + "."):
@@ -57,6 +63,16 @@ def import_app(target: str) -> App:
             f'"{target}" is {type(found).__name__} {found!r:.60}; expected an asyncstreams App'
         )
     return found
+
+
+def _caller(exc: BaseException) -> str:
+    """`file:line: ` of the innermost frame outside asyncstreams (and importlib), or ""."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.startswith("<") or frame.filename.startswith(package + os.sep):
+            continue
+        return f"{display_path(frame.filename)}:{frame.lineno}: "
+    return ""
 
 
 def _grace_period(text: str) -> float:
@@ -99,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     runp.add_argument(
         "--workers", type=_workers, default=1, metavar="N", help="processes to run (default 1)"
     )
-    runp.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    runp.add_argument(
+        "--log-level",
+        type=str.lower,  # INFO and Info are info
+        choices=LOG_LEVELS,
+        default="info",
+        help="critical, error, warning, info (default) or debug, in any case",
+    )
     runp.add_argument(
         "--grace-period",
         type=_grace_period,
@@ -193,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.workers > 1:
             return supervise(config)
         return run(app, config)
-    except TargetError as exc:
+    except (TargetError, ConfigurationError, RedisRefusedError) as exc:
+        # Wrong where the app is, how it is configured or which Redis it may use: starting
+        # it again as it is cannot help.
         print(f"asyncstreams: error: {exc}", file=sys.stderr)
         return 2
-    except AsyncstreamsError as exc:
+    except AsyncstreamsError as exc:  # RedisUnavailableError: it may work once Redis is up
         print(f"asyncstreams: error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """The process edge: event loop choice, signals, worker processes, exit codes.
 
 Only this module installs signal handlers, always on the main thread, restoring what was
-there afterwards. First SIGINT/SIGTERM: graceful stop. Second: stop now.
+there afterwards. First SIGINT/SIGTERM (and, from the CLI, SIGHUP): graceful stop. Second:
+stop now.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -23,11 +25,13 @@ import anyio
 from ._process import die_with_parent
 from .app import App, OnStarted
 from .embedded import EmbeddedRedis
-from .errors import AsyncstreamsError
+from .errors import AsyncstreamsError, ConfigurationError
 
 log = logging.getLogger("asyncstreams.runner")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# `asyncstreams run` also stops on SIGHUP, as uvicorn does; `App.run()` leaves SIGHUP alone.
+CLI_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 # Set by a supervisor for its workers: the URL to use (as if given with --url; kept off the
 # command line, where `ps` would show a password) and a pipe to write one byte to once started.
 WORKER_URL_ENV = "_ASYNCSTREAMS_WORKER_URL"
@@ -60,13 +64,16 @@ def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         if loop == "uvloop":
-            raise AsyncstreamsError("--loop uvloop: uvloop is not installed") from None
+            raise ConfigurationError("--loop uvloop: uvloop is not installed") from None
         return None
     return uvloop.new_event_loop
 
 
 async def serve_until_signal(
-    app: App, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    app: App,
+    *,
+    signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` until cancelled or signalled; raises ForcedStop after a second signal."""
     loop = asyncio.get_running_loop()
@@ -93,7 +100,7 @@ async def serve_until_signal(
             )
             main.cancel()
 
-    with _signal_handlers(loop, on_signal):
+    with _loop_signal_handlers(loop, signals, on_signal):
         try:
             await app.serve(task_status=task_status)
         except asyncio.CancelledError:
@@ -104,11 +111,13 @@ async def serve_until_signal(
 
 
 @contextlib.contextmanager
-def _signal_handlers(
-    loop: asyncio.AbstractEventLoop, handler: Callable[[int], None]
+def _loop_signal_handlers(
+    loop: asyncio.AbstractEventLoop,
+    signals: tuple[signal.Signals, ...],
+    handler: Callable[[int], None],
 ) -> Iterator[None]:
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
         loop.add_signal_handler(sig, handler, sig)
     try:
         yield
@@ -119,29 +128,60 @@ def _signal_handlers(
 
 
 def run(app: App, config: RunConfig) -> int:
-    """Run `app` in this process until signalled; returns the exit code."""
+    """Run `app` in this process until signalled; returns the exit code.
+
+    Errors before the app has started are raised. Once it has started, a second signal
+    returns 1, and so does a failure of the app, logged in one line that names it and where
+    it was raised (a consumer that failed has logged its traceback already).
+    """
     ready_fd = os.environ.pop(WORKER_READY_FD_ENV, None)
+    started = False
+
+    def on_started() -> None:
+        nonlocal started
+        started = True
+        if ready_fd is not None:
+            _announce(int(ready_fd))
+
+    factory = loop_factory(config.loop)
     with _embedded_redis(config) as url:
         app.configure(url=url, grace_period=config.grace_period)
-        status = anyio.TASK_STATUS_IGNORED if ready_fd is None else _announce(int(ready_fd))
+        status = OnStarted(on_started)
         try:
-            with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
-                runner.run(serve_until_signal(app, task_status=status))
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(serve_until_signal(app, signals=CLI_STOP_SIGNALS, task_status=status))
         except ForcedStop as exc:
             log.warning("%s", exc)
+            return 1
+        except Exception as exc:
+            if not started:
+                raise
+            log.error("the app failed while running: %s; exiting with code 1", _failure(exc))
             return 1
     return 0
 
 
-def _announce(fd: int) -> OnStarted:
+def _failure(exc: BaseException) -> str:
+    """`Type: message (at file:line in function)`, where the innermost frame raised it."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return text
+    where = frames[-1]
+    return f"{text} (at {display_path(where.filename)}:{where.lineno} in {where.name})"
+
+
+def display_path(filename: str) -> str:
+    """`filename` relative to the working directory when it is under it."""
+    relative = os.path.relpath(filename)
+    return filename if relative.startswith("..") else relative
+
+
+def _announce(fd: int) -> None:
     """Readiness for a supervisor: one byte down the pipe it gave us."""
-
-    def started() -> None:
-        with contextlib.suppress(OSError):
-            os.write(fd, b"1")
-            os.close(fd)
-
-    return OnStarted(started)
+    with contextlib.suppress(OSError):
+        os.write(fd, b"1")
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -267,6 +267,12 @@ def ledger_env(names: Names, ledger: Path, **settings: object) -> dict[str, str]
             ["the following arguments are required: target"],
             id="no-target",
         ),
+        pytest.param(
+            ["run", LEDGER_APP, "--log-level", "verbose"],
+            2,
+            ["argument --log-level: invalid choice: 'verbose'"],
+            id="log-level-unknown",
+        ),
     ],
 )
 def test_usage_errors_exit_2_saying_what_was_expected(
@@ -352,6 +358,112 @@ def test_unreachable_redis_with_workers_stops_all_before_start(
     assert "restarting it" not in output
     assert SECRET not in output
     assert all(is_gone(pid) for pid in worker_pids(output))
+
+
+BAD_OPTION_APP = "tests.apps.bad_option_app:app"
+FAILING_APP = "tests.apps.failing_app:app"
+
+
+def failing_env(names: Names, when: str, how: str) -> dict[str, str]:
+    return {"FAILING_APP_WHEN": when, "FAILING_APP_HOW": how, "FAILING_APP_PREFIX": names.prefix}
+
+
+def line_of(path: str, text: str) -> int:
+    """The number of the first line of `path` (under the repository) holding `text`."""
+    lines = (Path(__file__).parent.parent / path).read_text().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if text in line)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_configuration_error_on_import_exits_2_with_one_line_naming_its_line(
+    start_cli: StartCli, redis_url: str, workers: str
+) -> None:
+    cli = start_cli("run", BAD_OPTION_APP, "--url", redis_url, "--workers", workers)
+
+    assert exit_code(cli, timeout=15) == 2, cli.output()
+    output = cli.output()
+    assert len(output.strip().splitlines()) == 1, output
+    where = f"tests/apps/bad_option_app.py:{line_of('tests/apps/bad_option_app.py', '0)')}: "
+    assert output.startswith(f"asyncstreams: error: {where}"), output
+    assert "concurrency" in output
+    assert "started worker" not in output
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [
+        pytest.param("RedisRefusedError", 2, id="refused-2"),
+        pytest.param("ConfigurationError", 2, id="configuration-2"),
+        pytest.param("RedisUnavailableError", 1, id="unavailable-1"),
+    ],
+)
+def test_asyncstreams_error_at_start_exits_with_its_code_and_one_line(
+    start_cli: StartCli, redis_url: str, names: Names, how: str, code: int
+) -> None:
+    env = failing_env(names, "start", how)
+    cli = start_cli("run", FAILING_APP, "--url", redis_url, env=env)
+
+    assert exit_code(cli, timeout=15) == code, cli.output()
+    output = cli.output()
+    assert output.strip().splitlines()[-1] == (
+        f"asyncstreams: error: failing_app fails at start ({how}), on purpose"
+    )
+    assert output.count("asyncstreams: error:") == 1, output
+    assert "Traceback" not in output
+
+
+def test_refused_at_start_with_workers_stops_all_with_code_2(
+    start_cli: StartCli, redis_url: str, names: Names
+) -> None:
+    env = failing_env(names, "start", "RedisRefusedError")
+    cli = start_cli("run", FAILING_APP, "--url", redis_url, "--workers", "2", env=env)
+
+    assert exit_code(cli, timeout=20) == 2, cli.output()
+    output = cli.output()
+    assert "asyncstreams: error: failing_app fails at start (RedisRefusedError)" in output
+    assert re.search(r"exited with code 2 before it started; stopping all", output)
+    assert "Traceback" not in output
+    assert all(is_gone(pid) for pid in worker_pids(output))
+
+
+def test_app_failing_while_running_exits_1_with_one_line_and_no_second_traceback(
+    start_cli: StartCli, redis_url: str, names: Names
+) -> None:
+    cli = start_cli(
+        "run", FAILING_APP, "--url", redis_url, env=failing_env(names, "running", "raise")
+    )
+
+    assert exit_code(cli, timeout=20) == 1, cli.output()
+    output = cli.output()
+    assert RUNNING in output
+    assert "Traceback" not in output
+    line = line_of("tests/apps/failing_app.py", 'raise RuntimeError("failing_app fails while')
+    [failure] = [text for text in output.splitlines() if "failed while running" in text]
+    assert failure.endswith(
+        "ERROR   asyncstreams.runner: the app failed while running: RuntimeError: failing_app "
+        f"fails while running, on purpose (at tests/apps/failing_app.py:{line} in lifespan); "
+        "exiting with code 1"
+    ), failure
+
+
+@pytest.mark.parametrize("level", ["WARNING", "Warning"])
+def test_log_level_in_any_case(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+    level: str,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_cli(
+        "run", LEDGER_APP, "--url", redis_url, "--log-level", level, env=ledger_env(names, ledger)
+    )
+    publish(redis_client, names.stream, 1)
+    wait_until(lambda: len(read_ledger(ledger)) == 1, what="the entry handled", cli=cli)
+
+    assert stop(cli) == 0, cli.output()
+    assert " INFO " not in cli.output()
 
 
 # -- consuming ------------------------------------------------------------------------------
