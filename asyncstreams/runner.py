@@ -2,7 +2,7 @@
 
 Only this module installs signal handlers, always on the main thread, restoring what was
 there afterwards. First SIGINT/SIGTERM (and, from the CLI, SIGHUP): graceful stop. Second:
-stop now.
+stop now. A supervisor of `--workers` takes SIGHUP as "restart the workers one at a time".
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 
 import anyio
 
+from ._backoff import Backoff
 from ._process import die_with_parent
 from .app import App, OnStarted
 from .embedded import EmbeddedRedis
@@ -36,7 +38,18 @@ CLI_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 # command line, where `ps` would show a password) and a pipe to write one byte to once started.
 WORKER_URL_ENV = "_ASYNCSTREAMS_WORKER_URL"
 WORKER_READY_FD_ENV = "_ASYNCSTREAMS_READY_FD"
-RESTART_INTERVAL = 1.0
+# A worker that exits after it started is restarted after a pause: up to RESTART_DELAY s the
+# first time, doubling with each exit up to RESTART_MAX_DELAY (each pause drawn from the
+# upper half of its range, so that workers that died together do not start together). A
+# worker that ran for RESTART_RESET_AFTER seconds starts again from the first pause. One that
+# exits GIVE_UP_EXITS times within GIVE_UP_WINDOW seconds stops the supervisor: it would only
+# die again.
+RESTART_DELAY = 0.5
+RESTART_MAX_DELAY = 30.0
+RESTART_RESET_AFTER = 60.0
+GIVE_UP_EXITS = 5
+GIVE_UP_WINDOW = 60.0
+WATCH_INTERVAL = 0.05
 
 
 class ForcedStop(AsyncstreamsError):
@@ -198,16 +211,22 @@ def _embedded_redis(config: RunConfig) -> Iterator[str | None]:
 
 
 class _Worker:
-    """One worker process of a supervisor, and the pipe it reports readiness on."""
+    """One worker process of a supervisor: its process, its readiness pipe, its restarts."""
 
     def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
         self.index = index
         self._command = command
         self._env = env
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # None: waiting to be restarted
         self.ready = False
+        self.ever_ready = False  # this slot ran once: failing to start again is a restart
         self._pipe = -1
         self.started_at = 0.0
+        self.signals_sent = 0  # stop signals sent to the current process
+        self.replacing = False  # stopped by a SIGHUP restart, to be replaced at once
+        self.restart_at = 0.0
+        self.exits: deque[float] = deque()
+        self.backoff = Backoff(base=RESTART_DELAY, cap=RESTART_MAX_DELAY)
 
     def start(self) -> None:
         read_end, write_end = os.pipe()
@@ -226,14 +245,16 @@ class _Worker:
         self.ready = False
         self._pipe = read_end
         self.started_at = time.monotonic()
+        self.signals_sent = 0
+        self.replacing = False
 
     def poll(self) -> int | None:
         """The exit code once the worker has exited; notes readiness on the way."""
+        assert self.process is not None
         if not self.ready and self._pipe >= 0:
             with contextlib.suppress(BlockingIOError):
                 if os.read(self._pipe, 1):
-                    self.ready = True
-        assert self.process is not None
+                    self.ready = self.ever_ready = True
         code = self.process.poll()
         if code is not None and self._pipe >= 0:
             os.close(self._pipe)
@@ -242,6 +263,7 @@ class _Worker:
 
     def send(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.signals_sent += 1
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signum)
 
@@ -254,10 +276,13 @@ class _Worker:
 def supervise(config: RunConfig) -> int:
     """Run `config.workers` processes of the app, each with its own consumers.
 
-    A worker that dies after starting is restarted, with an error logged. A worker that dies
-    before starting stops them all: the others would fail the same way. SIGINT or SIGTERM is
-    passed on to every worker (twice: stop now); the exit code is 0 when all stopped cleanly.
+    SIGINT or SIGTERM is passed on to every worker (twice: stop now); the exit code is 0 when
+    all stopped cleanly. SIGHUP restarts the workers one at a time. A worker that dies before
+    it ever started stops them all (the others would fail the same way), with its exit code.
+    One that dies later is restarted with a growing pause; if it keeps dying (GIVE_UP_EXITS
+    exits within GIVE_UP_WINDOW seconds) all are stopped and the exit code is 1.
     """
+    loop_factory(config.loop)  # --loop uvloop without uvloop: say so once, not per worker
     command = [sys.executable, "-m", "asyncstreams", "run", config.target]
     command += ["--log-level", config.log_level, "--loop", config.loop]
     if config.grace_period is not None:
@@ -270,61 +295,145 @@ def supervise(config: RunConfig) -> int:
         received: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            received.append(signum)
-            for worker in workers:
-                worker.send(signum)
+            received.append(signum)  # acted on by the watch loop, within WATCH_INTERVAL
 
-        previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+        previous = {sig: signal.signal(sig, on_signal) for sig in CLI_STOP_SIGNALS}
         try:
             for worker in workers:
                 worker.start()
                 log.info("started worker %d (pid %d)", worker.index, worker.pid)
-            return _watch(workers, received)
+            return _Supervisor(workers, received).watch()
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
 
-def _watch(workers: list[_Worker], received: list[int]) -> int:
-    running = {worker.index: worker for worker in workers}
-    failed_to_start: int | None = None
-    codes: list[int] = []
-    while running:
-        time.sleep(0.05)
-        for worker in list(running.values()):
-            code = worker.poll()
-            if code is None:
-                continue
-            if received or failed_to_start is not None:
-                codes.append(code)
-                del running[worker.index]
-            elif not worker.ready:
-                log.error(
-                    "worker %d (pid %d) exited with code %d before it started; stopping all",
-                    worker.index,
-                    worker.pid,
-                    code,
-                )
-                failed_to_start = code or 1
-                del running[worker.index]
-                for other in running.values():
-                    other.send(signal.SIGTERM)
-            else:
-                log.error(
-                    "worker %d (pid %d) exited with code %d; restarting it",
-                    worker.index,
-                    worker.pid,
-                    code,
-                )
-                # At most one restart a second: a worker that keeps dying must not spin.
-                time.sleep(max(0.0, worker.started_at + RESTART_INTERVAL - time.monotonic()))
-                if received:  # a stop signal came meanwhile: it was not sent to this one
-                    del running[worker.index]
+class _Supervisor:
+    """The watch loop of `supervise`: signals, exits, restarts, SIGHUP restarts."""
+
+    def __init__(self, workers: list[_Worker], received: list[int]) -> None:
+        self.workers = workers
+        self.received = received  # appended to by the signal handler
+        self.handled = 0  # how many of `received` were acted on
+        self.stop_signals = 0  # SIGINT/SIGTERM received: the second stops the workers now
+        self.stopping = False
+        self.exit_code: int | None = None  # set when the supervisor stops all on its own
+        self.codes: list[int] = []  # exit codes of the workers that stopped with the rest
+        self.reload_at: float | None = None  # workers started before it are to be restarted
+
+    def watch(self) -> int:
+        running = set(self.workers)
+        while running:
+            time.sleep(WATCH_INTERVAL)
+            while self.handled < len(self.received):
+                self.handled += 1
+                self._on_signal(signal.Signals(self.received[self.handled - 1]))
+            for worker in list(running):
+                if worker.process is None:
+                    if self.stopping:
+                        running.discard(worker)
+                    elif time.monotonic() >= worker.restart_at:
+                        worker.start()
+                        log.info("restarted worker %d (pid %d)", worker.index, worker.pid)
                     continue
-                worker.start()
-                log.info("restarted worker %d (pid %d)", worker.index, worker.pid)
-                if received:  # the signal came between the check and the start
-                    worker.send(received[-1])
-    if failed_to_start is not None:
-        return failed_to_start
-    return 0 if all(code == 0 for code in codes) else 1
+                code = worker.poll()
+                if code is None:
+                    continue
+                if self.stopping:
+                    self.codes.append(code)
+                    running.discard(worker)
+                else:
+                    self._on_exit(worker, code)
+            if not self.stopping:
+                self._reload_next()
+        if self.exit_code is not None:
+            return self.exit_code
+        return 0 if all(code == 0 for code in self.codes) else 1
+
+    def _on_signal(self, signum: signal.Signals) -> None:
+        if signum == signal.SIGHUP:
+            if self.stopping:
+                log.info("SIGHUP received while stopping: ignored")
+                return
+            log.info("SIGHUP received: restarting the %d workers one at a time", len(self.workers))
+            self.reload_at = time.monotonic()
+            return
+        self.stop_signals += 1
+        self.stopping = True
+        for worker in self.workers:
+            # A worker stopping for a SIGHUP restart was sent SIGTERM already: this
+            # signal counts as the first for it too, not as a second that stops it now.
+            if worker.signals_sent < self.stop_signals:
+                worker.send(signum)
+
+    def _on_exit(self, worker: _Worker, code: int) -> None:
+        pid = worker.pid
+        now = time.monotonic()
+        uptime = now - worker.started_at
+        worker.process = None
+        if worker.replacing:
+            log.info("worker %d (pid %d) stopped with code %d", worker.index, pid, code)
+            worker.restart_at = now
+            return
+        if not worker.ever_ready:
+            log.error(
+                "worker %d (pid %d) exited with code %d before it started; stopping all",
+                worker.index,
+                pid,
+                code,
+            )
+            self._stop_all(code if code > 0 else 1)  # 1 for a signal (negative) or 0
+            return
+        worker.exits.append(now)
+        while worker.exits[0] < now - GIVE_UP_WINDOW:
+            worker.exits.popleft()
+        if len(worker.exits) >= GIVE_UP_EXITS:
+            log.error(
+                "worker %d (pid %d) exited %d times within %.1f s, the last time with code %d; "
+                "giving up: stopping all workers",
+                worker.index,
+                pid,
+                len(worker.exits),
+                now - worker.exits[0],
+                code,
+            )
+            self._stop_all(1)
+            return
+        if uptime >= RESTART_RESET_AFTER:
+            worker.backoff.reset()
+        delay = worker.backoff.next_delay()
+        worker.restart_at = now + delay
+        log.error(
+            "worker %d (pid %d) exited with code %d after %.1f s; restarting it in %.1f s",
+            worker.index,
+            pid,
+            code,
+            uptime,
+            delay,
+        )
+
+    def _stop_all(self, code: int) -> None:
+        self.exit_code = code
+        self.stopping = True
+        for worker in self.workers:
+            if worker.signals_sent == 0:
+                worker.send(signal.SIGTERM)
+
+    def _reload_next(self) -> None:
+        """SIGHUP: SIGTERM one worker started before it; the next once its new one runs."""
+        if self.reload_at is None:
+            return
+        if not all(
+            worker.process is not None and worker.ready and not worker.replacing
+            for worker in self.workers
+        ):
+            return  # one is stopping, starting or waiting for its restart: one at a time
+        due = [worker for worker in self.workers if worker.started_at < self.reload_at]
+        if not due:
+            log.info("restarted all %d workers", len(self.workers))
+            self.reload_at = None
+            return
+        worker = due[0]
+        log.info("restarting worker %d (pid %d): SIGTERM sent", worker.index, worker.pid)
+        worker.replacing = True
+        worker.send(signal.SIGTERM)

@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from asyncstreams.embedded import EmbeddedRedis, free_port
+from asyncstreams.runner import GIVE_UP_WINDOW, RESTART_DELAY
 
 from .apps.ledger import read as read_events
 from .conftest import Names
@@ -697,7 +698,8 @@ def test_worker_killed_after_start_is_restarted(
     assert psutil.Process(victim).ppid() == cli.pid
 
     os.kill(victim, signal.SIGKILL)
-    cli.wait_for_output(f"(pid {victim}) exited with code -9; restarting it")
+    cli.wait_for_output(f"(pid {victim}) exited with code -9 after ")
+    assert re.search(rf"\(pid {victim}\) exited .* restarting it in \d+\.\d s", cli.output())
     wait_until(lambda: cli.output().count(RUNNING) == 3, what="the new worker running", cli=cli)
     index = re.search(rf"worker (\d+) \(pid {victim}\) exited", cli.output())
     assert index is not None
@@ -754,7 +756,7 @@ def test_workers_second_signal_stops_at_once(
 def test_stop_signal_during_a_restart_stops_the_restarted_worker(
     start_cli: StartCli, redis_url: str, names: Names, tmp_path: Path
 ) -> None:
-    """A worker that dies within RESTART_INTERVAL of its start is restarted after a pause;
+    """A worker that dies is restarted after a pause (a longer one each time it dies);
     a SIGTERM that arrives during the pause must stop the supervisor all the same."""
     ledger = tmp_path / "ledger.jsonl"
     cli = start_workers(start_cli, redis_url, names, ledger, sleep=0)
@@ -765,13 +767,157 @@ def test_stop_signal_during_a_restart_stops_the_restarted_worker(
     wait_until(lambda: cli.output().count(RUNNING) == 3, what="worker 1 running again", cli=cli)
     assert psutil.Process(int(second)).ppid() == cli.pid
 
-    # Dead within a second of its start: the supervisor pauses before starting it again, and
-    # the signal arrives during that pause (workers start in well under a second here).
+    # Its second exit: the supervisor pauses at least RESTART_DELAY before starting it again,
+    # and the signal arrives during that pause.
     os.kill(int(second), signal.SIGKILL)
-    cli.wait_for_output(f"(pid {second}) exited with code -9; restarting it")
+    cli.wait_for_output(f"(pid {second}) exited with code -9 after ")
     assert stop(cli, timeout=10) == 0, cli.output()
+    assert cli.output().count("restarted worker 1 (pid ") == 1, cli.output()
     pids = {int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\)", cli.output())}
     wait_until(lambda: all(is_gone(pid) for pid in pids), what="every worker gone", timeout=5)
+
+
+def restart_delays(output: str, index: str) -> list[float]:
+    pattern = (
+        rf"worker {index} \(pid \d+\) exited with code -?\d+ after [\d.]+ s; "
+        r"restarting it in ([\d.]+) s"
+    )
+    return [float(delay) for delay in re.findall(pattern, output)]
+
+
+def test_worker_that_keeps_failing_stops_the_supervisor_with_the_reason(
+    start_cli: StartCli, redis_url: str, names: Names
+) -> None:
+    """Workers that become ready and then fail, again at every start: one exits with code 2,
+    in the other app fails while running (exit 1). Each supervisor restarts them with a
+    growing pause, then gives up with one line saying why, and exits 1."""
+    started = time.monotonic()
+    clis = {
+        how: start_cli(
+            "run",
+            FAILING_APP,
+            "--url",
+            redis_url,
+            "--workers",
+            "2",
+            env=failing_env(names, "running", how) | {"FAILING_APP_PREFIX": names(how)},
+        )
+        for how in ("exit:2", "raise")
+    }
+    # Five exits, four pauses of at most 0.5 + 1 + 2 + 4 s, and five starts of a worker.
+    codes = {how: exit_code(cli, timeout=60) for how, cli in clis.items()}
+    elapsed = time.monotonic() - started
+
+    for how, cli in clis.items():
+        output = cli.output()
+        assert codes[how] == 1, output
+        last_code = 2 if how == "exit:2" else 1
+        gave_up = re.findall(
+            rf"worker (\d) \(pid \d+\) exited 5 times within ([\d.]+) s, the last time with "
+            rf"code {last_code}; giving up: stopping all workers",
+            output,
+        )
+        assert len(gave_up) == 1, output
+        index, within = gave_up[0]
+        assert float(within) < GIVE_UP_WINDOW
+        delays = restart_delays(output, index)
+        assert len(delays) == 4, output
+        for attempt, delay in enumerate(delays):
+            ceiling = RESTART_DELAY * 2**attempt
+            assert ceiling / 2 - 0.05 <= delay <= ceiling + 0.05, (attempt, delays)
+        if how == "raise":
+            assert "the app failed while running: RuntimeError: failing_app fails" in output
+        assert "Traceback" not in output
+        pids = {int(pid) for pid in re.findall(r"worker \d \(pid (\d+)\)", output)}
+        assert all(is_gone(pid) for pid in pids), output
+    assert elapsed < 40
+
+
+def test_sighup_restarts_the_workers_one_at_a_time(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_workers(start_cli, redis_url, names, ledger, sleep=0.3)
+    old = worker_pids(cli.output())
+    first = publish(redis_client, names.stream, 8)
+    wait_until(lambda: len(read_ledger(ledger)) >= 2, what="handlers running", cli=cli)
+
+    cli.signal(signal.SIGHUP)
+    cli.wait_for_output("restarted all 2 workers", timeout=30)
+    output = cli.output()
+    assert "SIGHUP received: restarting the 2 workers one at a time" in output
+    # One at a time: worker 2 is stopped only once the new worker 1 runs.
+    second_stop = output.index("restarting worker 2 (pid ")
+    assert output.index("restarting worker 1 (pid ") < output.index("restarted worker 1 (pid ")
+    assert output[:second_stop].count(RUNNING) == 3, output
+    new = {int(pid) for pid in re.findall(r"restarted worker \d \(pid (\d+)\)", output)}
+    assert len(new) == 2
+    assert not new & old
+    assert all(psutil.Process(pid).ppid() == cli.pid for pid in new)
+    wait_until(lambda: all(is_gone(pid) for pid in old), what="the old workers gone", timeout=5)
+    # The old workers stopped gracefully: what they had started, they finished and acked.
+    assert output.count(": stopped; ") == 2
+    assert "SIGTERM received again" not in output
+    assert re.search(r"[1-9]\d* cancelled", output) is None
+
+    later = publish(redis_client, names.stream, 20)
+    wait_drained(redis_client, names.stream, names.group, cli)
+    runs = read_ledger(ledger)
+    assert all(run.end is not None for run in runs)
+    assert sorted({run.id for run in runs}, key=id_key) == first + later
+    assert {run.pid for run in runs if run.id in set(later)} <= new
+    assert stop(cli) == 0, cli.output()
+
+
+def test_stop_signal_during_a_sighup_restart_stops_gracefully(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    """The worker being restarted was sent SIGTERM already: the user's SIGTERM must not count
+    as its second signal (which would cancel its handlers)."""
+    ledger = tmp_path / "ledger.jsonl"
+    cli = start_workers(start_cli, redis_url, names, ledger, sleep=2)
+    publish(redis_client, names.stream, 4)
+    wait_until(lambda: len(read_ledger(ledger)) == 4, what="4 handlers running", cli=cli)
+
+    cli.signal(signal.SIGHUP)
+    cli.wait_for_output("restarting worker 1 (pid ")
+    cli.wait_for_output("SIGTERM received: stopping")
+    assert stop(cli) == 0, cli.output()
+    output = cli.output()
+    assert "SIGTERM received again" not in output
+    assert "restarted worker" not in output
+    assert all(run.end is not None for run in read_ledger(ledger))
+    assert pending(redis_client, names.stream, names.group) == 0
+
+
+def test_sighup_stops_a_single_process_gracefully(
+    start_cli: StartCli,
+    redis_client: redis.Redis,
+    redis_url: str,
+    names: Names,
+    tmp_path: Path,
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    env = ledger_env(names, ledger, concurrency=4, sleep=0.5)
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, env=env)
+    cli.wait_for_output(RUNNING)
+    publish(redis_client, names.stream, 4)
+    wait_until(lambda: len(read_ledger(ledger)) == 4, what="4 handlers running", cli=cli)
+
+    assert stop(cli, signal.SIGHUP) == 0, cli.output()
+    output = cli.output()
+    assert "SIGHUP received: stopping; handlers get up to 10.0 s to finish" in output
+    assert ": stopped; 4 acked, 0 retried, 0 dead-lettered, 0 cancelled, 0 never started" in output
+    assert all(run.end is not None for run in read_ledger(ledger))
+    assert pending(redis_client, names.stream, names.group) == 0
 
 
 def test_password_never_shown_by_a_running_supervisor_and_workers(

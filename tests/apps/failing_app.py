@@ -59,5 +59,6 @@ app = App(lifespan=lifespan)
 
 @app.consumer(STREAM, group=f"{PREFIX}:group", start_id="0")
 async def handle(fields: dict[str, str]) -> None:
-    # Handled only once the app has started (its consumer reads after it has started).
+    # The app reports that it started as soon as its consumer runs; the entry reaches this
+    # handler only after a read's round trip to Redis, and DELAY later the failure comes.
     asyncio.get_running_loop().call_later(DELAY, fail)
