@@ -6,14 +6,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
 
-from ._redis import check_reachable
+from redis.exceptions import RedisError
+
 from .app import App
+from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
 from .options import check_url
 from .runner import WORKER_URL_ENV, RunConfig, display_path, run, supervise
@@ -145,35 +149,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dlq.add_argument("stream", help='the dead-letter stream, e.g. "task_queue:dead-letter"')
     dlq.add_argument("--url", type=_url, help="Redis URL (default: $ASYNCSTREAMS_URL)")
-    dlq.add_argument("--limit", type=_workers, default=None, metavar="N", help="at most N entries")
     dlq.add_argument(
+        "--limit",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="at most N entries (default: 100 listed, all replayed)",
+    )
+    how = dlq.add_mutually_exclusive_group()
+    how.add_argument(
         "--replay",
         action="store_true",
         help="move them back to the streams they came from, as new entries",
     )
+    how.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per entry and line: {"id", "dlq": {the !dlq: metadata}, '
+        '"fields": {the original fields}}; a byte that is not UTF-8 is a \\udc80-\\udcff '
+        "escape (Python's surrogateescape)",
+    )
     return parser
 
 
+PREVIEW_CHARS = 60  # a longer field value is cut in the listing (not with --json)
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _dead_letters(args: argparse.Namespace) -> int:
-    """`asyncstreams dead-letters STREAM`: one line per entry, or --replay them."""
+    """`asyncstreams dead-letters STREAM`: two lines (or one JSON line) per entry, or
+    --replay them."""
     app = App(args.url)
 
     async def list_or_replay() -> None:
         try:
-            await check_reachable(app.redis)
+            await _check_is_stream(app, args.stream)
             if args.replay:
                 moved = await app.replay_dead_letters(args.stream, limit=args.limit)
                 print(f"moved {moved} entries of {args.stream} back to their streams")
                 return
             entries = await app.dead_letters(args.stream, limit=args.limit or 100)
             for entry in entries:
-                letter = entry.letter
-                error = f"{letter.error}: " if letter.error else ""
-                print(
-                    f"{entry.id}  {letter.stream} {letter.id}  {letter.reason}  "
-                    f"deliveries={letter.deliveries}  {error}{letter.message}"
-                )
-            print(f"{len(entries)} entries of {args.stream} shown", file=sys.stderr)
+                print(_as_json(entry) if args.json else _as_text(entry))
+            total = await app.redis.xlen(args.stream)
+            print(f"{len(entries)} of {total} entries of {args.stream} shown", file=sys.stderr)
         finally:
             await app.aclose()
 
@@ -182,7 +201,72 @@ def _dead_letters(args: argparse.Namespace) -> int:
     except AsyncstreamsError as exc:
         print(f"asyncstreams: error: {exc}", file=sys.stderr)
         return 1
+    except (RedisError, OSError) as exc:  # unreachable, a failed login, a missing permission
+        print(f"asyncstreams: error: Redis at {app.display_url}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _check_is_stream(app: App, stream: str) -> None:
+    reply = await app.redis.type(stream)
+    found = reply.decode() if isinstance(reply, bytes) else reply
+    if found == "none":
+        raise AsyncstreamsError(f"stream {stream!r} does not exist on {app.display_url}")
+    if found != "stream":
+        raise AsyncstreamsError(
+            f"key {stream!r} is a {found}, not a stream; expected a dead-letter stream"
+        )
+
+
+def _as_text(entry: DeadLetterEntry) -> str:
+    """The metadata on one line; the original fields, `name=value`, indented on the next."""
+    letter = entry.letter
+    error = f"{letter.error}: " if letter.error else ""
+    fields = " ".join(f"{_show(name)}={_show(value)}" for name, value in entry.fields.items())
+    return (
+        f"{entry.id}  {letter.stream} {letter.id}  {letter.reason}  "
+        f"deliveries={letter.deliveries}  {error}{letter.message}\n    {fields or '(no fields)'}"
+    )
+
+
+def _show(value: bytes) -> str:
+    """UTF-8 (a byte that is not shows as U+FFFD), cut after PREVIEW_CHARS, quoted (JSON)
+    when it is empty or holds a space, a quote, a `=` or a character that does not print."""
+    text = value.decode(errors="replace")
+    cut = ""
+    if len(text) > PREVIEW_CHARS:
+        text, cut = text[:PREVIEW_CHARS], f"...({len(value)} bytes)"
+    if not text.isprintable() or not text or any(c.isspace() or c in '"=\\' for c in text):
+        text = json.dumps(text, ensure_ascii=False)
+    return text + cut
+
+
+def _as_json(entry: DeadLetterEntry) -> str:
+    """One JSON line. Names and values are decoded with surrogateescape, so a byte that is
+    not UTF-8 is written as a \\udc80-\\udcff escape and
+    `json.loads(line)[...].encode("utf-8", "surrogateescape")` gives the bytes back."""
+    letter = entry.letter
+    record = {
+        "id": entry.id,
+        "dlq": {
+            "stream": letter.stream,
+            "id": letter.id,
+            "group": letter.group,
+            "consumer": letter.consumer,
+            "deliveries": letter.deliveries,
+            "reason": letter.reason,
+            "error": letter.error,
+            "message": letter.message,
+            "time": letter.time_ms,
+        },
+        "fields": {
+            name.decode(errors="surrogateescape"): value.decode(errors="surrogateescape")
+            for name, value in entry.fields.items()
+        },
+    }
+    line = json.dumps(record, ensure_ascii=False)
+    # A lone surrogate cannot be written as UTF-8: write it as the JSON escape it stands for.
+    return _ESCAPED_BYTE.sub(lambda found: f"\\u{ord(found[0]):04x}", line)
 
 
 def configure_logging(level: str) -> None:

@@ -8,11 +8,13 @@ asyncio and uvloop would only double the waiting. Redis is checked with the sync
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,12 +26,13 @@ import psutil
 import pytest
 import redis
 
+from asyncstreams.deadletter import DeadLetter
 from asyncstreams.embedded import EmbeddedRedis, free_port
 from asyncstreams.runner import GIVE_UP_WINDOW, RESTART_DELAY
 
 from .apps.ledger import read as read_events
 from .conftest import Names
-from .helpers import CliProcess, app_env, read_ledger
+from .helpers import ROOT, CliProcess, app_env, read_ledger
 
 LEDGER_APP = "tests.apps.ledger_app:app"
 TYPED_APP = "tests.apps.typed_app:app"
@@ -273,6 +276,12 @@ def ledger_env(names: Names, ledger: Path, **settings: object) -> dict[str, str]
             2,
             ["argument --log-level: invalid choice: 'verbose'"],
             id="log-level-unknown",
+        ),
+        pytest.param(
+            ["dead-letters", "x:dead-letter", "--json", "--replay"],
+            2,
+            ["argument --replay: not allowed with argument --json"],
+            id="dead-letters-json-and-replay",
         ),
     ],
 )
@@ -1046,3 +1055,184 @@ def test_url_precedence(
 
     assert stop(cli) == 0, cli.output()
     assert ": stopped; 3 acked" in cli.output()
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`python -m asyncstreams ARGS...` to its end: its exit code, stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "asyncstreams", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def add_dead_letter(
+    client: redis.Redis, dlq: str, source: str, original: list[bytes], message: str = "bad"
+) -> str:
+    """XADD a dead-letter entry for `original`, in the format the runtime writes."""
+    letter = DeadLetter(
+        stream=source,
+        id="1700000000000-0",
+        group="workers",
+        consumer="c1",
+        deliveries=5,
+        reason="failed",
+        error="ValueError",
+        message=message,
+        time_ms=1700000000123,
+    )
+    flat = letter.fields(original)
+    entry_id = client.xadd(dlq, dict(zip(flat[::2], flat[1::2], strict=True)))
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+@pytest.fixture
+def bytes_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, protocol=2)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--replay"]])
+def test_dead_letters_of_a_missing_stream_is_an_error(
+    redis_url: str, names: Names, flags: list[str]
+) -> None:
+    done = run_cli("dead-letters", names("dead-letter"), "--url", redis_url, *flags)
+
+    assert done.returncode == 1, done
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"asyncstreams: error: stream '{names('dead-letter')}' does not exist on {redis_url}"
+    ]
+
+
+def test_dead_letters_with_redis_unreachable_is_one_line_without_password() -> None:
+    url = f"redis://user:{SECRET}@127.0.0.1:{free_port()}/0"
+
+    done = run_cli("dead-letters", "x:dead-letter", "--url", url)
+
+    assert done.returncode == 1, done
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"asyncstreams: error: Redis at {url.replace(SECRET, '***')}: "), line
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_dead_letters_of_a_key_that_is_not_a_stream_is_an_error(
+    redis_client: redis.Redis, redis_url: str, names: Names
+) -> None:
+    redis_client.set(names("dead-letter"), "x")
+
+    done = run_cli("dead-letters", names("dead-letter"), "--url", redis_url)
+
+    assert done.returncode == 1, done
+    assert done.stderr.splitlines() == [
+        f"asyncstreams: error: key '{names('dead-letter')}' is a string, not a stream; "
+        "expected a dead-letter stream"
+    ]
+
+
+def test_dead_letters_lists_metadata_and_payload(
+    bytes_client: redis.Redis, redis_url: str, names: Names
+) -> None:
+    dlq = names("dead-letter")
+    ids = [
+        add_dead_letter(bytes_client, dlq, names.stream, [b"n", b"1", b"data", b"hello"]),
+        add_dead_letter(bytes_client, dlq, names.stream, [b"text", b"two words", b"e", b""]),
+        add_dead_letter(bytes_client, dlq, names.stream, [b"blob", b"\xff\xfe", b"!x", b"1"]),
+        add_dead_letter(bytes_client, dlq, names.stream, [b"long", b"a" * 200]),
+        add_dead_letter(bytes_client, dlq, names.stream, []),
+    ]
+
+    done = run_cli("dead-letters", dlq, "--url", redis_url)
+
+    assert done.returncode == 0, done
+    head = f"{names.stream} 1700000000000-0  failed  deliveries=5  ValueError: bad"
+    payloads = [
+        "n=1 data=hello",
+        'text="two words" e=""',
+        "blob=\ufffd\ufffd !x=1",
+        f"long={'a' * 60}...(200 bytes)",
+        "(no fields)",
+    ]
+    expected = [
+        line
+        for entry_id, payload in zip(ids, payloads, strict=True)
+        for line in (f"{entry_id}  {head}", f"    {payload}")
+    ]
+    assert done.stdout.splitlines() == expected
+    assert done.stderr.splitlines() == [f"5 of 5 entries of {dlq} shown"]
+
+    limited = run_cli("dead-letters", dlq, "--url", redis_url, "--limit", "2")
+    assert limited.returncode == 0, limited
+    assert limited.stdout.splitlines() == expected[:4]
+    assert limited.stderr.splitlines() == [f"2 of 5 entries of {dlq} shown"]
+
+
+def test_dead_letters_json_gives_every_byte_back(
+    bytes_client: redis.Redis, redis_url: str, names: Names
+) -> None:
+    dlq = names("dead-letter")
+    originals = [
+        [b"n", b"1", b"data", b"hello"],
+        [b"blob", b"\xff\xfe\x00ok", b"\xc3(", b"caf\xc3\xa9 " + b"z" * 300, b"!x", b"1"],
+    ]
+    ids = [add_dead_letter(bytes_client, dlq, names.stream, original) for original in originals]
+
+    done = run_cli("dead-letters", dlq, "--url", redis_url, "--json")
+
+    assert done.returncode == 0, done
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert "\\udcff" in lines[1]
+    assert "café" in lines[1]  # valid UTF-8 is written as it is, not escaped
+    for line, entry_id, original in zip(lines, ids, originals, strict=True):
+        record = json.loads(line)
+        assert record["id"] == entry_id
+        assert record["dlq"] == {
+            "stream": names.stream,
+            "id": "1700000000000-0",
+            "group": "workers",
+            "consumer": "c1",
+            "deliveries": 5,
+            "reason": "failed",
+            "error": "ValueError",
+            "message": "bad",
+            "time": 1700000000123,
+        }
+        fields = [
+            part.encode("utf-8", "surrogateescape")
+            for pair in record["fields"].items()
+            for part in pair
+        ]
+        assert fields == original
+    assert done.stderr.splitlines() == [f"2 of 2 entries of {dlq} shown"]
+
+
+def test_dead_letters_replay_moves_them_back(
+    bytes_client: redis.Redis, redis_url: str, names: Names
+) -> None:
+    dlq = names("dead-letter")
+    for n in range(3):
+        add_dead_letter(bytes_client, dlq, names.stream, [b"n", str(n).encode()])
+
+    done = run_cli("dead-letters", dlq, "--url", redis_url, "--replay", "--limit", "2")
+
+    assert done.returncode == 0, done
+    assert done.stdout.splitlines() == [f"moved 2 entries of {dlq} back to their streams"]
+    replayed = bytes_client.xrange(names.stream)
+    assert replayed is not None
+    assert [fields for _, fields in replayed] == [
+        {b"n": b"0"},
+        {b"n": b"1"},
+    ]
+    listed = run_cli("dead-letters", dlq, "--url", redis_url)
+    assert listed.stdout.splitlines()[1] == "    n=2"
+    assert listed.stderr.splitlines() == [f"1 of 1 entries of {dlq} shown"]
