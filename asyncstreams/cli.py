@@ -202,7 +202,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
         print(f"asyncstreams: error: {exc}", file=sys.stderr)
         return 1
     except (RedisError, OSError) as exc:  # unreachable, a failed login, a missing permission
-        print(f"asyncstreams: error: Redis at {app.display_url}: {exc}", file=sys.stderr)
+        print(f"asyncstreams: error: Redis at {_server(app)}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -211,11 +211,19 @@ async def _check_is_stream(app: App, stream: str) -> None:
     reply = await app.redis.type(stream)
     found = reply.decode() if isinstance(reply, bytes) else reply
     if found == "none":
-        raise AsyncstreamsError(f"stream {stream!r} does not exist on {app.display_url}")
+        raise AsyncstreamsError(f"stream {stream!r} does not exist on {_server(app)}")
     if found != "stream":
         raise AsyncstreamsError(
             f"key {stream!r} is a {found}, not a stream; expected a dead-letter stream"
         )
+
+
+def _server(app: App) -> str:
+    """Where the app's client connects: host and port or socket path, never a password."""
+    kwargs = app.redis.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 def _as_text(entry: DeadLetterEntry) -> str:
