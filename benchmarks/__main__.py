@@ -1,5 +1,6 @@
 """`python -m benchmarks [--quick] [--scenarios drain,io,...] [--entries N] [--repeat N]
-[--url URL] [--out DIR]`: run the suite and write benchmarks/results/latest.{json,md,png}."""
+[--url URL] [--out DIR]`: run the suite and write benchmarks/results/latest.{json,md,png}
+(with --quick, benchmarks/results/quick/latest.*)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ALL_SCENARIOS, DEFAULT_SCENARIOS, RESULTS_DIR, Config, quick_config
+from .config import (
+    ALL_SCENARIOS,
+    DEFAULT_SCENARIOS,
+    QUICK_RESULTS_DIR,
+    RESULTS_DIR,
+    Config,
+    quick_config,
+)
 
 
 def _positive(text: str) -> int:
@@ -45,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="small sizes, one repeat, 1 s latency runs: a smoke check in well under a minute",
+        help="small sizes, one repeat, 0.5 s latency runs: a smoke check in under a minute; "
+        f"writes to {QUICK_RESULTS_DIR} unless --out says otherwise",
     )
     parser.add_argument(
         "--scenarios",
@@ -64,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "writes and deletes only its own asyncstreams-bench:* keys)",
     )
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help=f"where to write results (default {RESULTS_DIR})"
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help=f"where to write results (default {RESULTS_DIR}; with --quick, {QUICK_RESULTS_DIR})",
     )
     parser.add_argument(
         "--rates", type=_rates, metavar="LIST", help="latency rates in msgs/s (default 2000,20000)"

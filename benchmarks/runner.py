@@ -68,6 +68,7 @@ def run_suite(config: Config) -> int:
     versions["asyncstreams source"] = env.source()
     say("versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     say(f"machine: {machine['cpus']} CPUs, {machine['cpu_model']}, {machine['platform']}")
+    say(f"results will be written to {config.out}")
     outcomes: list[Outcome] = []
     started_at = datetime.datetime.now().astimezone()
     started = time.perf_counter()
