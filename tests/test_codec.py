@@ -6,7 +6,6 @@ back, so handlers here just return what they were given).
 """
 
 import asyncio
-import base64
 import datetime
 import enum
 import json
@@ -487,12 +486,38 @@ def test_invalid_utf8_value_raises_decode_error_naming_the_field() -> None:
     assert "data" in str(caught.value)
 
 
-def test_invalid_utf8_name_raises_decode_error() -> None:
-    flat = [*TASK_FLAT, b"\xff", b"x"]
+def test_fields_the_struct_does_not_declare_may_hold_any_bytes() -> None:
+    flat = [*TASK_FLAT, b"\xff", b"x", b"thumbnail", b"\x89PNG\r\n\x1a\n\xff"]
+    assert struct_decoder(Task)(flat) == struct_decoder(Task)(TASK_FLAT)
+
+
+def test_invalid_utf8_in_a_declared_field_raises_decode_error_naming_it() -> None:
+    flat = [b"task_id", b"t\xff1", *TASK_FLAT[2:]]
     with pytest.raises(DecodeError) as caught:
         struct_decoder(Task)(flat)
     assert "UTF-8" in str(caught.value)
-    assert "name" in str(caught.value)
+    assert "'task_id'" in str(caught.value)
+
+
+class Blob(msgspec.Struct):
+    name: str
+    data: bytes
+    more: bytearray | None = None
+
+
+def test_a_bytes_field_gets_the_raw_bytes() -> None:
+    raw = b"\x00\xff\x89PNG"
+    assert struct_decoder(Blob)([b"name", b"b", b"data", raw]) == Blob("b", raw)
+    assert struct_decoder(Blob)([b"data", raw, b"name", b"b", b"more", b"\xfe"]) == Blob(
+        "b", raw, bytearray(b"\xfe")
+    )
+
+
+def test_a_deeply_nested_value_is_undecodable_not_a_crash() -> None:
+    """10,000 levels of JSON: msgspec stops with RecursionError; that is bad input."""
+    flat = [b"numbers", b"[" * 10_000 + b"]" * 10_000, b"counts", b"{}", b"point", b"{}"]
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        struct_decoder(Nested)(flat)
 
 
 def test_invalid_utf8_reaches_a_fields_handler_as_decode_error() -> None:
@@ -569,10 +594,24 @@ def test_datetime_is_written_as_iso_text() -> None:
     assert datetime.datetime.fromisoformat(written) == WHEN
 
 
-def test_bytes_are_written_as_base64_text() -> None:
-    written = encode_fields({"blob": b"\x00\xff raw"})["blob"]
-    assert isinstance(written, str)
-    assert base64.b64decode(written) == b"\x00\xff raw"
+def test_bytes_are_written_raw() -> None:
+    assert encode_fields({"blob": b"\x00\xff raw"})["blob"] == b"\x00\xff raw"
+    assert encode_fields(Blob("b", b"\x01", bytearray(b"\x02"))) == {
+        "name": "b",
+        "data": b"\x01",
+        "more": b"\x02",
+    }
+
+
+def test_bytes_round_trip_through_a_struct() -> None:
+    blob = Blob("b", bytes(range(256)))
+    flat = [part for item in encode_fields(blob).items() for part in _bytes_pair(item)]
+    assert struct_decoder(Blob)(flat) == blob
+
+
+def _bytes_pair(item: tuple[str, str | bytes]) -> list[bytes]:
+    name, value = item
+    return [name.encode(), value if isinstance(value, bytes) else value.encode()]
 
 
 def test_none_values_are_left_out() -> None:
