@@ -1,10 +1,18 @@
-"""Capped exponential backoff with jitter, and one log line per outage."""
+"""Riding out what Redis may get over: capped exponential backoff with jitter, one log line
+when an outage starts and one when it ends, and a group recreated when it is deleted."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ._transport import explain, is_group_gone, is_transient
+
+T = TypeVar("T")
 
 
 class Backoff:
@@ -25,21 +33,56 @@ class Backoff:
 
 
 class Outage:
-    """Logs when Redis stops answering and when it answers again, once each."""
+    """How one consumer rides out Redis going away; shared by its reader, its ack flusher
+    and its recovery, so an outage is logged once whichever of them meets it."""
 
-    def __init__(self, logger: logging.Logger, where: str) -> None:
+    def __init__(
+        self, logger: logging.Logger, where: str, regroup: Callable[[], Awaitable[None]]
+    ) -> None:
         self._log = logger
         self._where = where
+        self._regroup = regroup
         self._since: float | None = None
+
+    async def ride(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run `step` until it gets through; raise what waiting cannot fix.
+
+        Only a step that met the outage and then got through ends it (a step may not talk to
+        Redis at all: its success says nothing).
+        """
+        backoff: Backoff | None = None
+        while True:
+            try:
+                result = await step()
+            except Exception as exc:
+                backoff = backoff or Backoff()
+                await self.recover(exc, backoff)
+                continue
+            if backoff is not None:
+                self.end()
+            return result
+
+    async def recover(self, exc: Exception, backoff: Backoff) -> None:
+        """Get over `exc` (recreate the group, or wait a backoff), or raise it."""
+        if is_group_gone(exc):
+            self._log.warning(
+                "%s: the stream or group is gone (%s); recreating it", self._where, exc
+            )
+            try:
+                await self._regroup()
+                return
+            except Exception as again:
+                exc = again
+        if not is_transient(exc):
+            raise exc
+        self.begin(exc)
+        await asyncio.sleep(backoff.next_delay())
 
     def begin(self, exc: BaseException) -> None:
         if self._since is None:
             self._since = time.monotonic()
             self._log.warning(
-                "%s: Redis is unavailable (%s: %s); retrying with backoff",
-                self._where,
-                type(exc).__name__,
-                exc,
+                "%s: Redis is unavailable (%s); retrying with backoff", self._where, explain(exc)
             )
 
     def end(self) -> None:

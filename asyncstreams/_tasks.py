@@ -35,3 +35,13 @@ async def cancel_and_wait(
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: the task's owner has logged it already
     return pending
+
+
+def first_failure(group: BaseExceptionGroup) -> BaseException:
+    """The exception a task group failed with, not the cancellations that followed it."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_failure(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group

@@ -3,39 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from itertools import chain
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import anyio
 import anyio.abc
 import msgspec
 
-from . import _redis, deadletter
+from . import _commands, _transport, deadletter
+from ._tasks import first_failure
 from .codec import HandlerPlan, encode_fields, plan_handler
 from .consumer import Consumer
 from .errors import ConfigurationError
 from .options import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_BLOCK_MS,
-    DEFAULT_CLAIM_IDLE_MS,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_DEAD_LETTER,
-    DEFAULT_DELETE_IDLE_CONSUMERS_AFTER,
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_DELIVERIES,
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    DEFAULT_RETRY_DELAY,
-    DEFAULT_RETRY_MAX_DELAY,
-    DEFAULT_START_ID,
     AppOptions,
     ConsumerOptions,
     check_url,
@@ -46,7 +38,39 @@ from .options import (
 log = logging.getLogger("asyncstreams")
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+P = ParamSpec("P")
 Lifespan = Callable[["App"], AbstractAsyncContextManager[None]]
+
+
+class Register(Protocol):
+    """What `@app.consumer(...)` gives: it registers a handler and returns it unchanged."""
+
+    def __call__(self, handler: H, /) -> H: ...
+
+
+def _takes_options(
+    options: Callable[P, ConsumerOptions],
+) -> Callable[
+    [Callable[[App, ConsumerOptions], Register]], Callable[Concatenate[App, P], Register]
+]:
+    """Give the decorated method the signature of `options` (ConsumerOptions): its keyword
+    arguments, their types and defaults are declared once, there."""
+
+    def wrap(
+        method: Callable[[App, ConsumerOptions], Register],
+    ) -> Callable[Concatenate[App, P], Register]:
+        @functools.wraps(method)
+        def consumer(self: App, /, *args: P.args, **kwargs: P.kwargs) -> Register:
+            return method(self, ConsumerOptions.create(args, kwargs))
+
+        own = inspect.signature(options)
+        self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        consumer.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[self_parameter, *own.parameters.values()], return_annotation=Register
+        )
+        return consumer
+
+    return wrap
 
 
 def default_consumer_name() -> str:
@@ -98,69 +122,40 @@ class App:
         self._cli_url: str | None = None
         self._lifespan: Lifespan = lifespan or _no_lifespan
         self._registrations: list[Registration] = []
-        self._client: _redis.Redis | None = None
+        self._client: _transport.Redis | None = None
         self._stop: anyio.Event | None = None
         self._stop_requested = False
+        self._failure: BaseException | None = None
         self._background: asyncio.Task[None] | None = None
+        self._host: asyncio.Task[Any] | None = None
+        self._host_cancelled = False
         self.consumer_name = default_consumer_name()
 
     # -- registration ------------------------------------------------------------------
 
-    def consumer(
-        self,
-        streams: str | Sequence[str],
-        *,
-        group: str,
-        consumer: str | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        block_ms: int = DEFAULT_BLOCK_MS,
-        start_id: str = DEFAULT_START_ID,
-        max_deliveries: int | None = DEFAULT_MAX_DELIVERIES,
-        retry_delay: float = DEFAULT_RETRY_DELAY,
-        retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY,
-        dead_letter: str | None = DEFAULT_DEAD_LETTER,
-        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
-        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
-        delete_idle_consumers_after: float | None = DEFAULT_DELETE_IDLE_CONSUMERS_AFTER,
-    ) -> Callable[[H], H]:
+    @_takes_options(ConsumerOptions)
+    def consumer(self, options: ConsumerOptions) -> Register:
         """Register the decorated `async def` to handle the entries of `streams` in `group`.
 
         The handler's parameters decide what it receives: a `msgspec.Struct` type is decoded
         from the entry's fields, `Message` gets the envelope, `dict[str, str]` gets the fields.
-        Up to `concurrency` handlers run at once; each XREADGROUP asks for up to `batch_size`
-        entries and blocks up to `block_ms`. A new group starts at `start_id` ("0": the whole
-        stream; "$": only entries added from now on). Retries, the dead-letter stream and
-        claiming are set by the other options: see `ConsumerOptions`. The handler is
-        returned unchanged.
+        Up to `concurrency` handlers run at once; each XREADGROUP brings in up to
+        `batch_size` entries and blocks up to `block_ms`. A new group starts at `start_id`
+        ("0": the whole stream; "$": only entries added from now on). Retries, the
+        dead-letter stream, claiming and the rest: see `ConsumerOptions`, whose fields are
+        this method's keyword arguments. The handler is returned unchanged.
         """
-        names = (streams,) if isinstance(streams, str) else tuple(streams)
-        options = ConsumerOptions(
-            streams=names,
-            group=group,
-            consumer=consumer,
-            concurrency=concurrency,
-            batch_size=batch_size,
-            block_ms=block_ms,
-            start_id=start_id,
-            max_deliveries=max_deliveries,
-            retry_delay=retry_delay,
-            retry_max_delay=retry_max_delay,
-            dead_letter=dead_letter,
-            claim_idle_ms=claim_idle_ms,
-            max_payload_bytes=max_payload_bytes,
-            delete_idle_consumers_after=delete_idle_consumers_after,
-        )
 
         def register(handler: H) -> H:
             plan = plan_handler(handler)
             for other in self._registrations:
-                shared = set(other.options.streams) & set(names)
-                if shared and other.options.group == group:
+                shared = set(other.options.names) & set(options.names)
+                if shared and other.options.group == options.group:
                     raise ConfigurationError(
-                        f"handler {plan.name}: stream {sorted(shared)[0]!r} in group {group!r} "
-                        f"is already consumed by handler {other.plan.name}; expected one handler "
-                        "per stream and group (raise its concurrency, or use another group)"
+                        f"handler {plan.name}: stream {sorted(shared)[0]!r} in group "
+                        f"{options.group!r} is already consumed by handler {other.plan.name}; "
+                        "expected one handler per stream and group (raise its concurrency, "
+                        "or use another group)"
                     )
             self._registrations.append(Registration(plan, options))
             return handler
@@ -198,13 +193,13 @@ class App:
         return self._options.grace_period
 
     @property
-    def redis(self) -> _redis.Redis:
+    def redis(self) -> _transport.Redis:
         """The app's Redis client. Handlers may use it; it shares the consumers' pool.
 
         Replies are bytes (the client does not decode responses).
         """
         if self._client is None:
-            self._client = _redis.create_client(
+            self._client = _transport.create_client(
                 self.url, max_connections=self._options.max_connections + self._own_connections
             )
         return self._client
@@ -260,7 +255,7 @@ class App:
         ):
             raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
         field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
-        return await _redis.add(
+        return await _commands.add(
             self.redis, stream, field_maps, maxlen=maxlen, approximate=approximate
         )
 
@@ -268,7 +263,7 @@ class App:
         self, dead_letter: str, *, limit: int = 100
     ) -> list[deadletter.DeadLetterEntry]:
         """The first `limit` entries of the dead-letter stream `dead_letter`, read back."""
-        page = await _redis.entries(self.redis, dead_letter, after="-", count=limit)
+        page = await _commands.entries(self.redis, dead_letter, after="-", count=limit)
         return [deadletter.parse(entry_id, flat, dead_letter) for entry_id, flat in page]
 
     async def replay_dead_letters(self, dead_letter: str, *, limit: int | None = None) -> int:
@@ -280,13 +275,13 @@ class App:
         moved = 0
         after: bytes | str = "-"
         while limit is None or moved < limit:
-            page = await _redis.entries(self.redis, dead_letter, after=after, count=100)
+            page = await _commands.entries(self.redis, dead_letter, after=after, count=100)
             if not page:
                 break
             for entry_id, flat in page[: None if limit is None else limit - moved]:
                 entry = deadletter.parse(entry_id, flat, dead_letter)
                 original = list(chain.from_iterable(entry.fields.items()))
-                await _redis.move_back(
+                await _commands.move_back(
                     self.redis, dead_letter, entry_id, flat, entry.letter.stream, original
                 )
                 moved += 1
@@ -295,49 +290,101 @@ class App:
 
     # -- running -----------------------------------------------------------------------
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What stopped the app, if a consumer failed (one of its own tasks, not a handler:
+        those failures are the entries'); None while it runs well or after a clean stop.
+        A health check can report it."""
+        return self._failure
+
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run every consumer until `stop()` is called or this task is cancelled.
 
-        Installs no signal handlers: that is `run()`'s job, or the CLI's.
-        Raises RedisUnavailableError if Redis cannot be reached at start.
+        Installs no signal handlers: that is `run()`'s job, or the CLI's. Raises
+        RedisUnavailableError if Redis cannot be reached at start, RedisRefusedError if it
+        refuses the app (login, ACL, a read-only replica), and, after stopping the others
+        gracefully, what a consumer failed with.
         """
         if self._stop is not None:
             raise RuntimeError("this App is already running")
         stop = self._stop = anyio.Event()
         if self._stop_requested:
             stop.set()
+        self._failure = None
         client = self.redis
-        _redis.reserve_connections(client, self._options.max_connections + self._own_connections)
+        _transport.reserve_connections(
+            client, self._options.max_connections + self._own_connections
+        )
         try:
-            await _redis.check_reachable(client)
             consumers = [
                 Consumer(r.plan, r.options, client, r.options.consumer or self.consumer_name)
                 for r in self._registrations
             ]
-            # Groups first: what the lifespan publishes is read even by a group at "$".
-            for consumer in consumers:
-                await consumer.ensure_groups()
-            async with self._lifespan(self):
-                async with anyio.create_task_group() as tg:
-                    for consumer in consumers:
-                        await tg.start(consumer.run, stop, self.grace_period)
-                    log.info(
-                        "asyncstreams running %d consumer(s) on %s",
-                        len(consumers),
-                        _redis.describe(client),
-                    )
-                    task_status.started()
-                    await stop.wait()
+            if not await self._start(stop, consumers):
+                return
+            async with self._lifespan(self), anyio.create_task_group() as tg:
                 for consumer in consumers:
-                    if consumer.failure is not None:
-                        raise consumer.failure
+                    await tg.start(self._run_consumer, consumer, stop)
+                log.info(
+                    "asyncstreams running %d consumer(s) on %s",
+                    len(consumers),
+                    _transport.describe(client),
+                )
+                task_status.started()
+                await stop.wait()
+            if self._failure is not None:
+                raise self._failure
         finally:
             self._stop = None
             self._stop_requested = False
             with anyio.CancelScope(shield=True):
                 await self.aclose()
+
+    async def _start(self, stop: anyio.Event, consumers: list[Consumer]) -> bool:
+        """Reach Redis and create the groups; False if `stop` came first (it ends a start
+        that waits for Redis at once)."""
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stop_starting() -> None:
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stop_starting)
+                await _transport.check_reachable(self.redis)
+                # Groups first: what the lifespan publishes is read even by a group at "$".
+                for consumer in consumers:
+                    await consumer.prepare()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise first_failure(group) from None
+        return not stop.is_set()
+
+    async def _run_consumer(
+        self,
+        consumer: Consumer,
+        stop: anyio.Event,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one consumer; if it fails, the others stop gracefully and `serve` raises."""
+        try:
+            await consumer.run(stop, self.grace_period, task_status=task_status)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if self._failure is None:
+                self._failure = exc
+            if consumer.exit is not exc:
+                log.error(
+                    "%s: failed (%s); stopping the app",
+                    consumer.where,
+                    _transport.explain(exc),
+                    exc_info=exc,
+                )
+            stop.set()
 
     def stop(self) -> None:
         """Ask a running app to stop gracefully: stop reading, drain, ack, close."""
@@ -353,23 +400,45 @@ class App:
         await serve_until_signal(self)
 
     async def __aenter__(self) -> App:
-        """Start the consumers in the background; they run until the block is left."""
+        """Start the consumers in the background; they run until the block is left.
+
+        As with a task group: if the app fails while the block runs, the block is cancelled
+        and the failure is raised where it ends. A block cancelled while the app is
+        starting leaves nothing running.
+        """
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
+        self._host = asyncio.current_task()
+        self._host_cancelled = False
+
+        def on_started() -> None:
+            if not started.done():
+                started.set_result(None)
 
         async def serve() -> None:
             try:
-                await self.serve(task_status=OnStarted(lambda: started.set_result(None)))
+                await self.serve(task_status=OnStarted(on_started))
             except BaseException as exc:
-                if started.done():
-                    raise
-                if isinstance(exc, asyncio.CancelledError):
-                    started.cancel()
-                else:
+                if not started.done():
                     started.set_exception(exc)
+                elif not isinstance(exc, asyncio.CancelledError) and self._host is not None:
+                    # The block is still running: cancel it, and raise this where it ends.
+                    self._host_cancelled = True
+                    self._host.cancel()
+                raise
 
-        self._background = loop.create_task(serve(), name="asyncstreams app")
-        await started
+        task = self._background = loop.create_task(serve(), name="asyncstreams app")
+        try:
+            await started
+        except BaseException:
+            self._background = None
+            self.stop()
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # retrieved: raised below, or superseded by a cancellation
+            raise
         return self
 
     async def __aexit__(
@@ -379,6 +448,21 @@ class App:
         tb: TracebackType | None,
     ) -> None:
         task, self._background = self._background, None
-        if task is not None:
-            self.stop()
-            await task
+        host, self._host = self._host, None
+        if task is None:
+            return
+        self.stop()
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            # Cancelled again while the consumers drain: stop them now.
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([task])
+            raise
+        finally:
+            if self._host_cancelled and host is not None:
+                host.uncancel()
+                self._host_cancelled = False
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]

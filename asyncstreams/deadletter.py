@@ -70,9 +70,14 @@ def dead_letter(
     consumer: str,
     deliveries: int,
     reason: str,
-    error: BaseException | None,
+    error: BaseException | str | None,
     message: str = "",
 ) -> DeadLetter:
+    """The metadata of an entry dead-lettered now; `error` is the exception, or its type's
+    name, and `message` defaults to the exception's text."""
+    if isinstance(error, BaseException):
+        message = message or str(error)
+        error = type(error).__name__
     return DeadLetter(
         stream=stream,
         id=entry_id.decode(),
@@ -80,8 +85,8 @@ def dead_letter(
         consumer=consumer,
         deliveries=deliveries,
         reason=reason,
-        error=type(error).__name__ if error is not None else "",
-        message=message or (str(error) if error is not None else ""),
+        error=error or "",
+        message=message,
         time_ms=int(time.time() * 1000),
     )
 

@@ -1,11 +1,18 @@
 """What becomes of an entry that was not handled: a retry after a backoff, the dead-letter
-stream, or, without one, left pending for good ("parked").
+stream, or, without one, left pending for good ("parked"); and when handlers keep failing,
+a pause.
 
 An entry whose handler raised runs again after `retry_delay * 2**(deliveries-1)` seconds
 (capped at `retry_max_delay`, with jitter), until Redis has delivered it `max_deliveries`
 times; then, and at once for an entry that does not decode or is too large, it moves to the
-dead-letter stream. The consumer holds its failed entries meanwhile (the recovery renews
-them), so that no other consumer claims them early or over and over.
+dead-letter stream. The consumer holds its failed entries meanwhile (the ledger counts them
+against the bound, the recovery renews them), so no other consumer claims them early.
+
+When `pause_after_failures` handler runs in a row fail (a database is down, say), the
+consumer pauses: it reads nothing new and, instead of every held entry spending its
+deliveries on schedule, retries one entry at a time (a probe, the one with the fewest
+deliveries), the probes spaced by the retry backoff. The first run that succeeds resumes
+everything. An outage so costs deliveries at the pace of the probes, not of the backlog.
 """
 
 from __future__ import annotations
@@ -14,182 +21,331 @@ import asyncio
 import logging
 import random
 
-from . import _redis
-from ._redis import Redis
-from .deadletter import Reason, dead_letter
+from . import _commands
+from ._backoff import Backoff
+from ._logs import FailureLog
+from ._transport import Redis, explain
+from .deadletter import DeadLetter, Reason, dead_letter
 from .errors import DecodeError
+from .ledger import Ledger, Move
 from .message import Entry
 from .options import ConsumerOptions
 
 log = logging.getLogger("asyncstreams.consumer")
+
+# Retries to claim back now, by stream: (id, deliveries so far).
+Due = dict[str, list[tuple[bytes, int]]]
 
 
 class TooLarge(Exception):
     """An entry larger than max_payload_bytes."""
 
     def __init__(self, entry: Entry, limit: int) -> None:
-        size = sum(map(len, entry[2]))
-        super().__init__(f"entry is {size} bytes, more than max_payload_bytes={limit}")
+        super().__init__(f"entry is {entry[4]} bytes, more than max_payload_bytes={limit}")
 
 
 class Failures:
-    """The failure policy of one consumer, and the failed entries it holds."""
+    """The failure policy of one consumer."""
 
-    def __init__(self, client: Redis, options: ConsumerOptions, consumer: str, where: str) -> None:
+    def __init__(
+        self, client: Redis, options: ConsumerOptions, consumer: str, where: str, ledger: Ledger
+    ) -> None:
         self._client = client
         self._options = options
         self._consumer = consumer
         self._where = where
-        # Entries whose handler raised, by id: (when the retry is due, deliveries so far).
-        self._retries: dict[str, dict[bytes, tuple[float, int]]] = {
-            stream: {} for stream in options.streams
-        }
-        # Entries out of deliveries, left pending for want of a dead-letter stream.
-        self._parked: dict[str, set[bytes]] = {stream: set() for stream in options.streams}
+        self._ledger = ledger
+        self.log = FailureLog(log, where)
+        # Moves to the dead-letter stream that failed are tried again together, after a
+        # backoff that grows with each round that fails (Redis is full, say).
+        self._move_backoff = Backoff(base=0.5, cap=30.0)
+        self._moves_due = 0.0
         self.retried = 0
         self.dead_lettered = 0
         self.parked = 0
+        # The pause: failed runs in a row (since `ledger.successes` was last seen to move),
+        # when it began, the entry being tried and when the next may go.
+        self._streak = 0
+        self._successes = 0
+        self._paused_at: float | None = None
+        self._probe: tuple[str, bytes] | None = None
+        self._probes = 0
+        self._next_probe = 0.0
 
-    def held(self, stream: str) -> set[bytes]:
-        """Ids of the failed entries of `stream` held here: waiting for a retry, or parked."""
-        return set(self._parked[stream]).union(self._retries[stream])
+    # -- an entry failed -----------------------------------------------------------------
 
-    def is_parked(self, stream: str, deliveries: int) -> bool:
-        """Whether an entry delivered `deliveries` times is one this policy leaves alone."""
-        options = self._options
-        return (
-            options.max_deliveries is not None
-            and deliveries >= options.max_deliveries
-            and options.dead_letter_stream(stream) is None
-        )
-
-    async def failed(self, entry: Entry, exc: Exception, *, logged: bool = False) -> None:
-        """The handler raised, or the entry cannot be handled: retry it, or reject it.
+    async def failed(self, entry: Entry, exc: BaseException, *, logged: bool = False) -> None:
+        """A running entry was not handled: the handler raised, or it cannot be handled.
 
         `logged`: the exception was logged already (a batch's), so a retry logs nothing.
         """
-        stream, entry_id, _, deliveries = entry
-        limit = self._options.max_deliveries
+        stream, entry_id, _, deliveries, _ = entry
         if isinstance(exc, TooLarge):
             await self.reject(entry, Reason.TOO_LARGE, None, str(exc))
-        elif isinstance(exc, DecodeError):
+            return
+        if isinstance(exc, DecodeError):
             await self.reject(entry, Reason.UNDECODABLE, exc)
-        elif limit is not None and deliveries >= limit:
-            log.error(
-                "%s: handler failed on entry %s of %s on its last delivery (%d of %d)",
+            return
+        self._probe_ended(stream, entry_id)
+        if not logged:
+            self.handler_failed()
+        limit = self._options.max_deliveries
+        if limit is not None and deliveries >= limit:
+            self.log.log(
+                logging.ERROR,
+                "failed",
+                type(exc).__name__,
+                "%s: handler failed on entry %s of %s on its last delivery (%d of %d): %s",
                 self._where,
                 entry_id.decode(),
                 stream,
                 deliveries,
                 limit,
+                explain(exc),
                 exc_info=exc,
             )
             await self.reject(entry, Reason.FAILED, exc)
-        else:
-            delay = self.retry_later(stream, entry_id, deliveries)
-            if logged:
-                return
-            log.warning(
-                "%s: handler failed on entry %s of %s (delivery %d of %s); it stays "
-                "pending and runs again in %.2f s: %s: %s",
-                self._where,
-                entry_id.decode(),
-                stream,
-                deliveries,
-                limit or "unlimited",
-                delay,
-                type(exc).__name__,
-                exc,
-                exc_info=exc,
-            )
+            return
+        delay = self._retry_later(entry)
+        if logged:
+            return
+        self.log.log(
+            logging.WARNING,
+            "retried",
+            type(exc).__name__,
+            "%s: handler failed on entry %s of %s (delivery %d of %s); it stays pending and "
+            "runs again in %.2f s: %s",
+            self._where,
+            entry_id.decode(),
+            stream,
+            deliveries,
+            limit or "unlimited",
+            delay,
+            explain(exc),
+            # The first failure of an entry shows where it happened; later ones, one line.
+            exc_info=exc if deliveries == 1 else None,
+        )
+
+    def batch_failed(self, entries: list[Entry], exc: BaseException) -> None:
+        """A batch handler call raised: one line for the batch (each entry then retries on
+        its own, logging nothing more, see `failed`)."""
+        self.handler_failed()
+        self.log.log(
+            logging.WARNING,
+            "batch retried",
+            type(exc).__name__,
+            "%s: handler failed on a batch of %d entries (%s to %s of %s); each stays pending "
+            "and runs again on its own: %s",
+            self._where,
+            len(entries),
+            entries[0][1].decode(),
+            entries[-1][1].decode(),
+            ",".join(sorted({entry[0] for entry in entries})),
+            explain(exc),
+            exc_info=exc,
+        )
+
+    def handler_failed(self) -> None:
+        """One handler run (one call of a batch handler) failed: pause after too many."""
+        threshold = self._options.pause_after_failures
+        ledger = self._ledger
+        if threshold is None:
+            return
+        if ledger.successes != self._successes:
+            self._successes = ledger.successes
+            self._streak = 0
+        self._streak += 1
+        if self._streak < threshold or ledger.reads_paused:
+            return
+        loop = asyncio.get_running_loop()
+        ledger.pause_reads()
+        self._paused_at = loop.time()
+        self._probes = 0
+        self._next_probe = loop.time() + self._probe_delay()
+        log.warning(
+            "%s: %d handler runs in a row failed; pausing: no new entries are read, and the "
+            "%d held for a retry run one at a time until one succeeds",
+            self._where,
+            self._streak,
+            sum(1 for _ in ledger.retries()) + 1,
+        )
+
+    def _retry_later(self, entry: Entry) -> float:
+        """Hold a failed entry until its backoff is over; returns the backoff in seconds."""
+        delay = self._backoff(entry[3])
+        self._ledger.retry_at(entry, asyncio.get_running_loop().time() + delay)
+        self.retried += 1
+        return delay
+
+    def _backoff(self, attempt: int) -> float:
+        options = self._options
+        backoff: float = options.retry_delay * 2.0 ** (attempt - 1)
+        return min(options.retry_max_delay, backoff) * random.uniform(0.5, 1.0)
+
+    def _probe_delay(self) -> float:
+        self._probes += 1
+        return self._backoff(self._probes)
+
+    def _probe_ended(self, stream: str, entry_id: bytes) -> None:
+        if self._probe == (stream, entry_id):
+            self._probe = None
+            self._next_probe = asyncio.get_running_loop().time() + self._probe_delay()
+
+    # -- dead letters --------------------------------------------------------------------
 
     async def reject(
         self, entry: Entry, reason: str, exc: BaseException | None, message: str = ""
     ) -> None:
-        """Move an entry to the dead-letter stream (XADD + XACK in one MULTI).
+        """Move a running entry to the dead-letter stream (XADD + XACK in one MULTI).
 
         Without a dead-letter stream the entry is parked; when the move fails, it is
         held and tried again after a backoff. Either way it stays pending.
         """
-        stream, entry_id, flat, deliveries = entry
-        options = self._options
-        target = options.dead_letter_stream(stream)
+        stream, entry_id, flat, deliveries, _ = entry
+        self._probe_ended(stream, entry_id)
         letter = dead_letter(
             stream=stream,
             entry_id=entry_id,
-            group=options.group,
+            group=self._options.group,
             consumer=self._consumer,
             deliveries=deliveries,
             reason=reason,
             error=exc,
             message=message,
         )
-        what = f"{letter.reason}: {letter.error + ': ' if letter.error else ''}{letter.message}"
-        if target is None:
-            if entry_id not in self._parked[stream]:
-                self._parked[stream].add(entry_id)
-                self.parked += 1
-                log.error(
-                    "%s: entry %s of %s left pending, not run again (no dead-letter stream); %s",
-                    self._where,
-                    letter.id,
-                    stream,
-                    what,
-                )
-            return
-        try:
-            await _redis.move(
-                self._client,
-                stream,
-                options.group,
-                self._consumer,
-                entry_id,
-                target,
-                letter.fields(flat),
-            )
-        except Exception as move_failed:
-            self.retry_later(stream, entry_id, deliveries)
-            log.error(
-                "%s: could not move entry %s of %s to %s (%s: %s); it stays pending; %s",
+        if self._options.dead_letter_stream(stream) is None:
+            self._ledger.park(entry)
+            self.parked += 1
+            self.log.log(
+                logging.ERROR,
+                "parked",
+                letter.error,
+                "%s: entry %s of %s left pending, not run again (no dead-letter stream); %s",
                 self._where,
                 letter.id,
                 stream,
-                target,
-                type(move_failed).__name__,
-                move_failed,
-                what,
+                _what(letter),
             )
             return
+        try:
+            await self._move(letter, flat)
+        except Exception as failure:
+            self._ledger.move_later(entry, Move(deliveries, reason, letter.error, letter.message))
+            self._move_failed(letter, failure)
+            return
+        self._ledger.dead_lettered(entry)
+
+    async def _move(self, letter: DeadLetter, flat: list[bytes]) -> None:
+        target = self._options.dead_letter_stream(letter.stream)
+        assert target is not None
+        await _commands.move(
+            self._client,
+            letter.stream,
+            self._options.group,
+            self._consumer,
+            letter.id.encode(),
+            target,
+            letter.fields(flat),
+        )
+        self._move_backoff.reset()
         self.dead_lettered += 1
-        log.error(
+        self.log.log(
+            logging.ERROR,
+            "dead-lettered",
+            letter.error,
             "%s: entry %s of %s moved to dead-letter stream %s (delivery %d); %s",
             self._where,
             letter.id,
-            stream,
+            letter.stream,
             target,
-            deliveries,
-            what,
+            letter.deliveries,
+            _what(letter),
         )
 
-    def retry_later(self, stream: str, entry_id: bytes, deliveries: int) -> float:
-        """Hold a failed entry until its backoff is over; returns the backoff in seconds."""
-        options = self._options
-        backoff: float = options.retry_delay * 2.0 ** (deliveries - 1)
-        delay = min(options.retry_max_delay, backoff) * random.uniform(0.5, 1.0)
-        due = asyncio.get_running_loop().time() + delay
-        self._retries[stream][entry_id] = (due, deliveries)
-        self.retried += 1
-        return delay
-
-    def due_retries(self, stream: str, limit: int) -> list[tuple[bytes, int]]:
-        """Up to `limit` entries whose backoff is over, as (id, deliveries); no longer held."""
-        retries = self._retries[stream]
+    def _move_failed(self, letter: DeadLetter, failure: Exception) -> None:
         now = asyncio.get_running_loop().time()
-        due = [(i, count) for i, (at, count) in retries.items() if at <= now][: max(limit, 0)]
-        for entry_id, _ in due:
-            del retries[entry_id]
+        if self._moves_due <= now:
+            self._moves_due = now + self._move_backoff.next_delay()
+        self.log.log(
+            logging.ERROR,
+            "not moved",
+            type(failure).__name__,
+            "%s: could not move entry %s of %s to %s (%s); it stays pending and the move is "
+            "tried again; %s",
+            self._where,
+            letter.id,
+            letter.stream,
+            self._options.dead_letter_stream(letter.stream),
+            explain(failure),
+            _what(letter),
+        )
+
+    async def move_held(self) -> None:
+        """Try again the moves that failed, once their backoff is over (the entries' fields
+        are read again with XRANGE, which is not a delivery: the delivery count stays true).
+        The first that fails again puts the round off."""
+        ledger = self._ledger
+        if asyncio.get_running_loop().time() < self._moves_due:
+            return
+        for stream, entry_id, move in list(ledger.moves()):
+            flat = await _commands.fields_of(self._client, stream, entry_id)
+            if flat is None:  # deleted meanwhile; Redis 6.2 still has it pending
+                await _commands.ack(self._client, stream, self._options.group, [entry_id])
+                ledger.moved(stream, entry_id)
+                continue
+            letter = dead_letter(
+                stream=stream,
+                entry_id=entry_id,
+                group=self._options.group,
+                consumer=self._consumer,
+                deliveries=move.deliveries,
+                reason=move.reason,
+                error=move.error,
+                message=move.message,
+            )
+            try:
+                await self._move(letter, flat)
+            except Exception as failure:
+                self._move_failed(letter, failure)
+                return
+            ledger.moved(stream, entry_id)
+
+    # -- which retries run now ---------------------------------------------------------
+
+    def due(self) -> Due:
+        """The held retries to claim back and run now: every one whose backoff is over, or,
+        while paused, one probe when its time comes."""
+        ledger = self._ledger
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._paused_at is not None and not ledger.reads_paused:
+            log.warning(
+                "%s: a handler run succeeded; resuming after a pause of %.1f s",
+                self._where,
+                now - self._paused_at,
+            )
+            self._paused_at = None
+            self._probe = None
+        due: Due = {}
+        if not ledger.reads_paused:
+            for stream, entry_id, retry in ledger.retries():
+                if retry.due <= now:
+                    due.setdefault(stream, []).append((entry_id, retry.deliveries))
+            return due
+        if self._probe is not None and not ledger.holds(*self._probe):
+            self._probe = None  # deleted meanwhile
+        if self._probe is not None or now < self._next_probe:
+            return due
+        # The next probe: the entry with the fewest deliveries, the earliest due first.
+        candidates = sorted(ledger.retries(), key=lambda r: (r[2].deliveries, r[2].due))
+        if not candidates:
+            ledger.resume_reads()  # nothing left to try: read again (and pause again if need be)
+            return due
+        stream, entry_id, retry = candidates[0]
+        self._probe = (stream, entry_id)
+        due[stream] = [(entry_id, retry.deliveries)]
         return due
 
-    def unpark(self, stream: str, ids: set[bytes]) -> None:
-        """Parked entries no longer pending (acked by hand, say): stop holding them."""
-        self._parked[stream] -= ids
+
+def _what(letter: DeadLetter) -> str:
+    return f"{letter.reason}: {letter.error + ': ' if letter.error else ''}{letter.message}"

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from .errors import DecodeError
 
-# An entry as a consumer holds it: (stream, id, flat fields [name, value, ...], deliveries).
-Entry = tuple[str, bytes, list[bytes], int]
+# An entry as a consumer holds it: (stream, id, flat fields [name, value, ...], deliveries,
+# size: the bytes of its names and values). A plain tuple: one is made for every entry read.
+Entry = tuple[str, bytes, list[bytes], int, int]
+
+
+def entry(stream: str, entry_id: bytes, flat: list[bytes], deliveries: int) -> Entry:
+    return (stream, entry_id, flat, deliveries, sum(map(len, flat)))
 
 
 class Message:
@@ -99,7 +104,8 @@ def decode_fields(flat: list[bytes]) -> dict[str, str]:
             try:
                 item.decode()
             except UnicodeDecodeError as exc:
-                what = "name" if index % 2 == 0 else f"value of field {flat[index - 1]!r}"
+                name = flat[index - 1].decode(errors="replace")
+                what = "name" if index % 2 == 0 else f"value of field {name!r}"
                 raise DecodeError(
                     f"expected UTF-8 text in every field, found invalid bytes in the {what} "
                     f"at byte {exc.start}"

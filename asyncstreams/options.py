@@ -1,9 +1,17 @@
-"""Options, declared once: frozen keyword-only dataclasses validated when they are created."""
+"""Options, declared once: frozen dataclasses validated when they are created.
+
+`ConsumerOptions` is the one declaration of what `@app.consumer(...)` takes: its keyword
+arguments and their defaults (App.consumer's signature is this class's), their checks, and
+the README's options table (`options_table()`; a test keeps the README in step).
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
@@ -12,86 +20,140 @@ DEFAULT_URL = "redis://localhost:6379/0"
 URL_ENV = "ASYNCSTREAMS_URL"
 URL_SCHEMES = ("redis", "rediss", "unix")
 
-# Defaults, chosen from `python -m benchmarks` runs on a 2-core machine (see README, "Tuning").
-DEFAULT_CONCURRENCY = 64
-DEFAULT_BATCH_SIZE = 500
-DEFAULT_BLOCK_MS = 2_000
-DEFAULT_START_ID = "0"
 DEFAULT_GRACE_PERIOD = 10.0
 DEFAULT_MAX_CONNECTIONS = 32
-# Delivery guarantees (see README, "Delivery guarantees").
-DEFAULT_MAX_DELIVERIES = 5
-DEFAULT_RETRY_DELAY = 1.0
-DEFAULT_RETRY_MAX_DELAY = 30.0
-DEFAULT_DEAD_LETTER = "{stream}:dead-letter"
-DEFAULT_CLAIM_IDLE_MS = 60_000
-DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
-DEFAULT_DELETE_IDLE_CONSUMERS_AFTER = 3600.0
 
 
-def _positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{owner}: {name} must be a positive integer, got {value!r}")
+def _doc(text: str) -> Mapping[str, str]:
+    return {"doc": text}
 
 
-def _non_negative_number(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ConfigurationError(f"{owner}: {name} must be a number >= 0, got {value!r}")
-
-
-def _name(owner: str, what: str, value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(f"{owner}: {what} must be a non-empty string, got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
+# Defaults chosen from `python -m benchmarks` runs on a 2-core machine (see README, "Tuning").
+@dataclass(frozen=True, slots=True)
 class ConsumerOptions:
     """How one handler consumes: which streams, as which group and consumer, how much at once,
-    and what happens to entries that fail.
+    and what happens to entries that fail. Each field's meaning is in its `doc` metadata
+    (and in the README's options table, made from it)."""
 
-    `concurrency` bounds the handlers running at once; `batch_size` is the most entries one
-    XREADGROUP asks for. Entries delivered to the consumer and not yet acked never number more
-    than `concurrency + batch_size`. `start_id` is only where a new group starts reading;
-    entries are always read with `>`.
-
-    An entry whose handler raises stays pending and runs again after `retry_delay` seconds,
-    doubling up to `retry_max_delay` (with jitter), until Redis has delivered it
-    `max_deliveries` times (None: no limit); then it moves to the `dead_letter` stream
-    (`{stream}` is replaced by the stream's name; None: no dead-letter stream, the entry is
-    left pending). Entries that cannot be decoded or are larger than `max_payload_bytes` move
-    there at once. Entries other consumers of the group left idle for `claim_idle_ms` are
-    claimed; consumers idle for `delete_idle_consumers_after` seconds with nothing pending
-    are deleted from the group (None: never).
-    """
-
-    streams: tuple[str, ...]
-    group: str
-    consumer: str | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
-    batch_size: int = DEFAULT_BATCH_SIZE
-    block_ms: int = DEFAULT_BLOCK_MS
-    start_id: str = DEFAULT_START_ID
-    max_deliveries: int | None = DEFAULT_MAX_DELIVERIES
-    retry_delay: float = DEFAULT_RETRY_DELAY
-    retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
-    dead_letter: str | None = DEFAULT_DEAD_LETTER
-    claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS
-    max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES
-    delete_idle_consumers_after: float | None = DEFAULT_DELETE_IDLE_CONSUMERS_AFTER
+    streams: str | Sequence[str] = field(
+        metadata=_doc(
+            "one stream name or a list; one handler for several streams reads them in one "
+            "`XREADGROUP`"
+        )
+    )
+    _: KW_ONLY
+    group: str = field(
+        metadata=_doc(
+            "the consumer group; created (with `MKSTREAM`) when missing, kept when it exists"
+        )
+    )
+    consumer: str | None = field(
+        default=None,
+        metadata=_doc("the consumer name; by default unique per process: `host-pid-random`"),
+    )
+    concurrency: int = field(
+        default=64, metadata=_doc("at most this many handlers (or batch calls) run at once")
+    )
+    batch_size: int = field(
+        default=500,
+        metadata=_doc(
+            "the most entries one `XREADGROUP` brings in (its `COUNT` is this divided among "
+            "the streams, so at least one per stream) and one batch handler call gets"
+        ),
+    )
+    block_ms: int = field(
+        default=2_000, metadata=_doc("how long a read waits for new entries (`BLOCK`)")
+    )
+    start_id: str = field(
+        default="0",
+        metadata=_doc(
+            'where a *new* group starts: `"0"` the whole stream (nothing written before the '
+            'first deploy is skipped), `"$"` only what is added from now on'
+        ),
+    )
+    max_deliveries: int | None = field(
+        default=5,
+        metadata=_doc(
+            "how many times Redis may deliver an entry (its own delivery counter, so across "
+            "processes and restarts) before it is dead-lettered; `None`: no limit"
+        ),
+    )
+    retry_delay: float = field(
+        default=1.0,
+        metadata=_doc(
+            "seconds before an entry whose handler raised runs again: "
+            "`retry_delay * 2**(deliveries - 1)`, capped by `retry_max_delay`, with jitter "
+            "(between half and all of it)"
+        ),
+    )
+    retry_max_delay: float = field(default=30.0, metadata=_doc("the cap of that delay, in seconds"))
+    pause_after_failures: int | None = field(
+        default=10,
+        metadata=_doc(
+            "after this many handler runs in a row fail, the consumer pauses: it reads "
+            "nothing new and retries one entry at a time until a run succeeds (see "
+            "[Outages](#outages)); `None`: never pause"
+        ),
+    )
+    dead_letter: str | None = field(
+        default="{stream}:dead-letter",
+        metadata=_doc(
+            "the dead-letter stream; `{stream}` is replaced by the entry's stream. `None`: "
+            "none (an entry out of deliveries, or undecodable, then stays pending, is logged "
+            "and is not run again)"
+        ),
+    )
+    claim_idle_ms: int = field(
+        default=60_000,
+        metadata=_doc(
+            "entries other consumers of the group left pending this long are claimed (their "
+            "consumer crashed or hangs)"
+        ),
+    )
+    max_payload_bytes: int | None = field(
+        default=1 << 20,
+        metadata=_doc(
+            "entries larger than this (names and values together) are dead-lettered unread; "
+            "`None`: no limit"
+        ),
+    )
+    max_memory_bytes: int = field(
+        default=32 << 20,
+        metadata=_doc(
+            "the most bytes of entries (names and values) read and not yet handled that the "
+            "consumer keeps in memory; reading waits while they take more (an entry larger "
+            "than this is still read, on its own)"
+        ),
+    )
+    delete_idle_consumers_after: float | None = field(
+        default=3600.0,
+        metadata=_doc(
+            "seconds; consumers of the group idle this long *with nothing pending* are "
+            "deleted, so unique names do not pile up; `None`: never"
+        ),
+    )
 
     def __post_init__(self) -> None:
         owner = "consumer"
-        if not self.streams:
+        names = (self.streams,) if isinstance(self.streams, str) else tuple(self.streams)
+        object.__setattr__(self, "streams", names)
+        if not names:
             raise ConfigurationError(f"{owner}: expected at least one stream name, got none")
-        for stream in self.streams:
+        for stream in names:
             _name(owner, "a stream name", stream)
-        if len(set(self.streams)) != len(self.streams):
-            raise ConfigurationError(f"{owner}: stream names repeat in {list(self.streams)!r}")
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"{owner}: stream names repeat in {list(names)!r}")
         _name(owner, "group", self.group)
         if self.consumer is not None:
             _name(owner, "consumer", self.consumer)
         _positive_int(owner, "concurrency", self.concurrency)
         _positive_int(owner, "batch_size", self.batch_size)
+        if self.batch_size < len(names):
+            raise ConfigurationError(
+                f"{owner}: batch_size ({self.batch_size}) must be at least the number of "
+                f"streams ({len(names)}): XREADGROUP's COUNT applies to each stream, and "
+                "COUNT 0 would read without any limit"
+            )
         _positive_int(owner, "block_ms", self.block_ms)
         _name(owner, "start_id", self.start_id)
         if self.start_id == ">":
@@ -108,10 +170,12 @@ class ConsumerOptions:
                 f"{owner}: retry_max_delay ({self.retry_max_delay!r}) must be at least "
                 f"retry_delay ({self.retry_delay!r})"
             )
+        if self.pause_after_failures is not None:
+            _positive_int(owner, "pause_after_failures", self.pause_after_failures)
         if self.dead_letter is not None:
             _name(owner, "dead_letter", self.dead_letter)
-            for stream in self.streams:
-                if self.dead_letter_stream(stream) in self.streams:
+            for stream in names:
+                if self.dead_letter_stream(stream) in names:
                     raise ConfigurationError(
                         f"{owner}: dead_letter {self.dead_letter!r} names a stream this "
                         f"consumer reads ({stream!r}); expected another stream"
@@ -119,21 +183,90 @@ class ConsumerOptions:
         _positive_int(owner, "claim_idle_ms", self.claim_idle_ms)
         if self.max_payload_bytes is not None:
             _positive_int(owner, "max_payload_bytes", self.max_payload_bytes)
+        _positive_int(owner, "max_memory_bytes", self.max_memory_bytes)
         if self.delete_idle_consumers_after is not None:
             _non_negative_number(
                 owner, "delete_idle_consumers_after", self.delete_idle_consumers_after
             )
-        if self.concurrency + self.batch_size < len(self.streams):
-            raise ConfigurationError(
-                f"{owner}: concurrency + batch_size ({self.concurrency + self.batch_size}) "
-                f"must be at least the number of streams ({len(self.streams)})"
-            )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the streams read (`streams`, always as a tuple)."""
+        names: tuple[str, ...] = self.streams  # type: ignore[assignment]  # set in __post_init__
+        return names
+
+    @property
+    def limit(self) -> int:
+        """The most entries the consumer holds at once: `concurrency + batch_size`."""
+        return self.concurrency + self.batch_size
 
     def dead_letter_stream(self, stream: str) -> str | None:
         """The dead-letter stream for entries of `stream`, or None without one."""
         if self.dead_letter is None:
             return None
         return self.dead_letter.replace("{stream}", stream)
+
+    @classmethod
+    def create(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ConsumerOptions:
+        """`ConsumerOptions(*args, **kwargs)`, with a ConfigurationError naming a misspelled,
+        missing or extra argument where Python would raise a bare TypeError."""
+        known = [f.name for f in fields(cls) if f.name != "_"]
+        unknown = [name for name in kwargs if name not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(
+                f"consumer: unknown option {unknown[0]!r}{hint}; expected one of "
+                f"{', '.join(known[1:])}"
+            )
+        if len(args) > 1:
+            raise ConfigurationError(
+                f"consumer: expected the streams as the one positional argument and every "
+                f"option by name, found {len(args)} positional arguments"
+            )
+        given = {**dict(zip(known, args, strict=False)), **kwargs}
+        for f in fields(cls):
+            if f.name != "_" and f.default is MISSING and f.name not in given:
+                raise ConfigurationError(f"consumer: expected {f.name}=..., {_first_line(f)}")
+        return cls(*args, **kwargs)
+
+
+def _first_line(f: Any) -> str:
+    return str(f.metadata["doc"]).split(";")[0]
+
+
+def options_table() -> str:
+    """The README's table of consumer options, made from `ConsumerOptions`."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(ConsumerOptions):
+        if f.name == "_":
+            continue
+        default = "required" if f.default is MISSING else f"`{_python(f.default)}`"
+        rows.append(f"| `{f.name}` | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
+
+
+def _python(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        if value % (1 << 20) == 0:
+            return f"{value >> 20} << 20"
+        return f"{value:_}"
+    return repr(value).replace("'", '"')
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{owner}: {name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_number(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigurationError(f"{owner}: {name} must be a number >= 0, got {value!r}")
+
+
+def _name(owner: str, what: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{owner}: {what} must be a non-empty string, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -3,9 +3,9 @@
 Everything here works from Redis' own bookkeeping, the group's pending entries list (PEL),
 and its delivery counters, so the bounds hold across processes and restarts:
 
-- Retries. An entry whose handler raised stays pending; when its backoff is over
-  (retry_delay * 2**(deliveries-1), capped, with jitter) XCLAIM hands it back to this
-  consumer, which counts a delivery, and it runs again.
+- Retries. An entry whose handler raised stays pending; when the failure policy says it is
+  due, XCLAIM hands it back to this consumer, which counts a delivery, and it runs again.
+  A failed move to the dead-letter stream is tried again the same way, without XCLAIM.
 - Own pending entries. At start, the entries a consumer of the same name left behind come
   first, before new ones. Later, entries pending on this consumer that it does not know of
   (delivered in a reply that never arrived: a connection cut mid-read) are claimed once idle
@@ -13,28 +13,31 @@ and its delivery counters, so the bounds hold across processes and restarts:
 - Other consumers' entries. XAUTOCLAIM takes entries idle for `claim_idle_ms` (their
   consumer crashed or hangs). It scans up to 10 x COUNT PEL entries per call, so the scan
   is paced: a call every `claim_idle_ms / 2`, sooner only while it finds work.
-- Renewal. Entries this consumer holds (queued, running, waiting for their XACK or their
-  retry, or parked) get their idle time reset every `claim_idle_ms / 3` with XCLAIM ...
-  JUSTID, which counts no delivery: a slow handler's entry, or one waiting out a long
-  backoff, is never claimed away from a consumer that is alive.
+- Renewal. Entries this consumer holds (every state of the ledger) get their idle time reset
+  every `claim_idle_ms / 3` with XCLAIM ... JUSTID, which counts no delivery: a slow
+  handler's entry, or one waiting out a long backoff, is never claimed away from a consumer
+  that is alive.
 - Forgotten consumers. Consumers of the group with nothing pending, idle for
-  `delete_idle_consumers_after`, are deleted (XGROUP DELCONSUMER), so the unique names of
-  past processes do not pile up. One with pending entries is never deleted: that would drop
-  them from the PEL.
+  `delete_idle_consumers_after`, are deleted (XGROUP DELCONSUMER, in a script that checks
+  the PEL in the same step), so the unique names of past processes do not pile up.
+
+Claims take on only what the ledger has room for; retries are held already and need none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
 
-from . import _redis
-from ._backoff import Backoff
-
-if TYPE_CHECKING:
-    from .consumer import Consumer
+from . import _commands
+from ._backoff import Outage
+from ._transport import Redis
+from .deadletter import Reason
+from .failures import Failures
+from .ledger import Ledger
+from .message import Entry
+from .options import ConsumerOptions
 
 log = logging.getLogger("asyncstreams.recovery")
 
@@ -47,16 +50,29 @@ PAGE = 200
 class Recovery:
     """The recovery work of one consumer, run by one task of its own."""
 
-    def __init__(self, consumer: Consumer) -> None:
-        options = consumer.options
-        self._consumer = consumer
-        self._client = consumer.client
+    def __init__(
+        self,
+        client: Redis,
+        options: ConsumerOptions,
+        name: str,
+        where: str,
+        *,
+        ledger: Ledger,
+        failures: Failures,
+        outage: Outage,
+        queued: Callable[[int], None],
+    ) -> None:
+        self._client = client
         self._options = options
         self._group = options.group
-        self._name = consumer.name
-        self._where = consumer.where
+        self._name = name
+        self._where = where
+        self._ledger = ledger
+        self._failures = failures
+        self._outage = outage
+        self._queued = queued
         self.first_pass_done = asyncio.Event()
-        self._claim_cursor = dict.fromkeys(options.streams, b"0-0")
+        self._claim_cursor = dict.fromkeys(options.names, b"0-0")
         self._retry_interval = min(max(options.retry_delay / 4, 0.01), 0.5)
         self._claim_interval = max(options.claim_idle_ms / 2000, 0.05)
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
@@ -65,11 +81,14 @@ class Recovery:
         # True while a step talks to Redis (a stop then lets it finish); False between steps.
         self.busy = False
 
+    @property
+    def _stopping(self) -> bool:
+        return self._ledger.closed
+
     async def run(self) -> None:
-        """Sweep, claim, renew and clean up on their own schedules until cancelled."""
+        """Sweep, claim, renew and clean up on their own schedules until stopped."""
         loop = asyncio.get_running_loop()
-        backoff = Backoff()
-        await self._retrying(lambda: self._sweep_own(first=True), backoff)
+        await self._step(lambda: self._sweep_own(first=True))
         self.first_pass_done.set()
         now = loop.time()
         due = {
@@ -79,67 +98,69 @@ class Recovery:
             "renew": now + self._renew_interval,
             "cleanup": now,
         }
-        while not self._consumer.stopping:
+        while not self._stopping:
             now = loop.time()
             if due["retry"] <= now:
-                await self._retrying(self._retry_due, backoff)
+                await self._step(self._retry_due)
                 due["retry"] = loop.time() + self._retry_interval
             if due["own"] <= now:
-                await self._retrying(lambda: self._sweep_own(first=False), backoff)
+                await self._step(lambda: self._sweep_own(first=False))
                 due["own"] = loop.time() + self._claim_interval
             if due["claim"] <= now:
-                more = await self._retrying(self._claim_others, backoff)
+                more = await self._step(self._claim_others)
                 due["claim"] = loop.time() + (CLAIM_STEP if more else self._claim_interval)
             if due["renew"] <= now:
-                await self._retrying(self._renew, backoff)
+                await self._step(self._renew)
                 due["renew"] = loop.time() + self._renew_interval
             if self._cleanup_interval is not None and due["cleanup"] <= now:
-                await self._retrying(self._forget_idle_consumers, backoff)
+                await self._step(self._forget_idle_consumers)
                 due["cleanup"] = loop.time() + self._cleanup_interval
             await asyncio.sleep(max(0.0, min(due.values()) - loop.time()))
 
-    async def _retrying(self, step: Callable[[], Awaitable[bool]], backoff: Backoff) -> bool:
-        """Run `step` until it gets through what Redis may get over; returns its result."""
-        while True:
+    async def _step(self, step: Callable[[], Awaitable[bool]]) -> bool:
+        """Run one step, riding out what Redis may get over; a stop waits for it to end."""
+
+        async def marked() -> bool:
             self.busy = True
             try:
-                result = await step()
-            except Exception as exc:
-                self.busy = False  # a backoff may be cut short by a stop
-                if not await self._consumer.recover(exc, backoff):
-                    raise
-                if self._consumer.stopping:
-                    return False
-                continue
+                return await step()
             finally:
-                self.busy = False
-            backoff.reset()
-            return bool(result)
+                self.busy = False  # a backoff between attempts may be cut short by a stop
+
+        return bool(await self._outage.ride(marked))
 
     # -- this consumer's own pending entries ---------------------------------------------
 
     async def _retry_due(self) -> bool:
-        """Claim back the entries whose handler raised and whose backoff is over."""
-        consumer = self._consumer
-        for stream in self._options.streams:
-            due = consumer.failures.due_retries(stream, limit=consumer.room())
-            if due:
-                await self._take(stream, due, min_idle=0)
+        """Claim back the retries the failure policy says are due, and move again what
+        could not be moved to the dead-letter stream."""
+        for stream, due in self._failures.due().items():
+            ids = [entry_id for entry_id, _ in due]
+            claimed = await _commands.claim(
+                self._client, stream, self._group, self._name, due, min_idle_ms=0
+            )
+            got = {entry[1] for entry in claimed}
+            await self._drop_trimmed(stream, [i for i in ids if i not in got])
+            self._ledger.rerun(stream, claimed, ids)
+            self._queued(len(claimed))
+        await self._failures.move_held()
         return False
 
     async def _sweep_own(self, *, first: bool) -> bool:
         """Claim this consumer's pending entries that it does not hold: at start, what a
         consumer of the same name left behind; later, entries delivered in a reply that never
         arrived (idle for half of claim_idle_ms, and unknown here)."""
-        consumer = self._consumer
+        ledger = self._ledger
         min_idle = 0 if first else self._options.claim_idle_ms // 2
-        for stream in self._options.streams:
+        for stream in self._options.names:
             start: bytes | str = "-"
-            while not consumer.stopping:
-                room = await consumer.wait_for_room() if first else consumer.room()
+            while not self._stopping and not ledger.reads_paused:
+                if first:
+                    await ledger.wait_for_room()
+                room = ledger.room()
                 if room < 1:
                     break
-                page = await _redis.pending(
+                page = await _commands.pending(
                     self._client,
                     stream,
                     self._group,
@@ -150,40 +171,36 @@ class Recovery:
                 )
                 if not page:
                     break
-                held = consumer.held(stream)
+                parked = self._options.max_deliveries is not None and (
+                    self._options.dead_letter_stream(stream) is None
+                )
                 lost = [
                     (p.id, p.deliveries)
                     for p in page
-                    if p.id not in held and not consumer.failures.is_parked(stream, p.deliveries)
+                    if not ledger.holds(stream, p.id)
+                    and not (parked and p.deliveries >= (self._options.max_deliveries or 0))
                 ][:room]
                 if lost:
-                    await self._take(stream, lost, min_idle)
+                    claimed = await _commands.claim(
+                        self._client, stream, self._group, self._name, lost, min_idle_ms=min_idle
+                    )
+                    got = {entry[1] for entry in claimed}
+                    await self._drop_trimmed(stream, [i for i, _ in lost if i not in got])
+                    await self._take_on(claimed)
                 if len(page) < PAGE:
                     break
                 start = b"(" + page[-1].id
         return False
 
-    async def _take(self, stream: str, due: list[tuple[bytes, int]], min_idle: int) -> None:
-        """XCLAIM `due` (id, delivery count) entries to this consumer and run them."""
-        ids = [entry_id for entry_id, _ in due]
-        claimed = await _redis.claim(
-            self._client, stream, self._group, self._name, ids, min_idle_ms=min_idle
-        )
-        got = {entry_id for entry_id, _ in claimed}
-        if len(got) < len(ids):
-            await self._drop_trimmed(stream, [i for i in ids if i not in got])
-        deliveries = {entry_id: count + 1 for entry_id, count in due}
-        await self._consumer.admit(
-            stream, [(entry_id, flat, deliveries[entry_id]) for entry_id, flat in claimed]
-        )
-
     async def _drop_trimmed(self, stream: str, ids: list[bytes]) -> None:
         """Pending entries deleted from the stream (MAXLEN, XTRIM, XDEL): count, log, XACK."""
-        gone = await _redis.missing(self._client, stream, ids)
+        if not ids:
+            return
+        gone = await _commands.missing(self._client, stream, ids)
         if not gone:
             return
         # Redis 7 already dropped them from the PEL; Redis 6.2 keeps them until acked.
-        await _redis.ack_one(self._client, stream, self._group, gone)
+        await _commands.ack(self._client, stream, self._group, gone)
         self._count_trimmed(stream, len(gone))
 
     def _count_trimmed(self, stream: str, count: int) -> None:
@@ -195,17 +212,37 @@ class Recovery:
             stream,
         )
 
+    async def _take_on(self, claimed: Sequence[Entry]) -> None:
+        """Run claimed entries, or dead-letter those out of deliveries (never run twice at
+        once one that is held already)."""
+        ledger = self._ledger
+        limit = self._options.max_deliveries
+        fresh = [entry for entry in claimed if not ledger.holds(entry[0], entry[1])]
+        spent = [entry for entry in fresh if limit is not None and entry[3] > limit]
+        runnable = [entry for entry in fresh if limit is None or entry[3] <= limit]
+        ledger.delivered(runnable)
+        self._queued(len(runnable))
+        for entry in spent:
+            ledger.hold_running(entry)
+            await self._failures.reject(
+                entry,
+                Reason.FAILED,
+                None,
+                f"delivered {entry[3]} times (max_deliveries={limit}) without being acked: "
+                "its consumer kept failing, crashing or being stopped",
+            )
+
     # -- other consumers' idle entries ---------------------------------------------------
 
     async def _claim_others(self) -> bool:
         """One paced XAUTOCLAIM step per stream; True if the scan should go on soon."""
-        consumer = self._consumer
+        ledger = self._ledger
         more = False
-        for stream in self._options.streams:
-            room = min(consumer.room(), self._options.batch_size)
-            if room < 1 or consumer.stopping:
+        for stream in self._options.names:
+            room = min(ledger.room(), self._options.batch_size)
+            if room < 1 or self._stopping or ledger.reads_paused:
                 return more
-            cursor, claimed, deleted = await _redis.autoclaim(
+            cursor, claimed, deleted = await _commands.autoclaim(
                 self._client,
                 stream,
                 self._group,
@@ -226,16 +263,18 @@ class Recovery:
                     self._options.claim_idle_ms,
                 )
                 counts = await self._deliveries(stream, [entry_id for entry_id, _ in claimed])
-                await consumer.admit(
-                    stream,
-                    [(entry_id, flat, counts.get(entry_id, 1)) for entry_id, flat in claimed],
+                await self._take_on(
+                    [
+                        (stream, entry_id, flat, counts.get(entry_id, 1), sum(map(len, flat)))
+                        for entry_id, flat in claimed
+                    ]
                 )
             more = more or bool(claimed) or cursor != b"0-0"
         return more
 
     async def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
         """Delivery counters of entries just claimed (XAUTOCLAIM does not report them)."""
-        page = await _redis.pending(
+        page = await _commands.pending(
             self._client,
             stream,
             self._group,
@@ -251,34 +290,36 @@ class Recovery:
 
     async def _renew(self) -> bool:
         """Reset the idle time of every entry this consumer holds (no delivery counted)."""
-        for stream in self._options.streams:
-            held = sorted(self._consumer.held(stream))
+        for stream in self._options.names:
+            held = sorted(self._ledger.ids(stream))
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]
-                renewed = await _redis.renew(self._client, stream, self._group, self._name, chunk)
-                self._consumer.failures.unpark(stream, set(chunk) - renewed)
+                renewed = await _commands.renew(
+                    self._client, stream, self._group, self._name, chunk
+                )
+                self._ledger.unpark(stream, [i for i in chunk if i not in renewed])
+            log.debug("%s: renewed %d held entries of %s", self._where, len(held), stream)
         return False
 
     async def _forget_idle_consumers(self) -> bool:
         after = self._options.delete_idle_consumers_after
         assert after is not None
-        for stream in self._options.streams:
-            for other in await _redis.consumers(self._client, stream, self._group):
+        for stream in self._options.names:
+            for other in await _commands.consumers(self._client, stream, self._group):
                 if other.name == self._name or other.pending or other.idle_ms < after * 1000:
                     continue
-                # DELCONSUMER drops a consumer's pending entries: only ever at zero.
-                dropped = await _redis.delete_consumer(
+                # DELCONSUMER drops a consumer's pending entries: the script checks for none
+                # in the same step, so one that has just read keeps what it read.
+                if await _commands.delete_consumer_if_idle(
                     self._client, stream, self._group, other.name
-                )
-                log.log(
-                    logging.ERROR if dropped else logging.INFO,
-                    "%s: deleted consumer %s of %s (idle %.1f s, nothing pending%s)",
-                    self._where,
-                    other.name,
-                    stream,
-                    other.idle_ms / 1000,
-                    f"; {dropped} pending entries appeared meanwhile" if dropped else "",
-                )
+                ):
+                    log.info(
+                        "%s: deleted consumer %s of %s (idle %.1f s, nothing pending)",
+                        self._where,
+                        other.name,
+                        stream,
+                        other.idle_ms / 1000,
+                    )
         return False
 
 

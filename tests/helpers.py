@@ -16,9 +16,17 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
+from asyncstreams.embedded import EmbeddedRedis
+
 from .apps import ledger
+from .capabilities import server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def own_server(*args: str) -> EmbeddedRedis:
+    """A redis-server of the test's own (not yet started), of the binary the suite runs."""
+    return EmbeddedRedis(args, binary=server_binary())
 
 
 async def eventually(

@@ -27,12 +27,12 @@ import pytest
 import redis
 
 from asyncstreams.deadletter import DeadLetter
-from asyncstreams.embedded import EmbeddedRedis, free_port
+from asyncstreams.embedded import free_port
 from asyncstreams.runner import GIVE_UP_WINDOW, RESTART_DELAY
 
 from .apps.ledger import read as read_events
 from .conftest import Names
-from .helpers import ROOT, CliProcess, app_env, read_ledger
+from .helpers import ROOT, CliProcess, app_env, own_server, read_ledger
 
 LEDGER_APP = "tests.apps.ledger_app:app"
 TYPED_APP = "tests.apps.typed_app:app"
@@ -592,14 +592,15 @@ def test_handler_past_grace_period_is_cancelled_and_stays_pending(
 ) -> None:
     ids = publish(redis_client, names.stream, 10)
     ledger = tmp_path / "ledger.jsonl"
-    # Room for concurrency + batch_size = 6 delivered entries: 4 running, 2 waiting to start.
+    # Room for concurrency + batch_size = 6 delivered entries: 4 running, the rest waiting to
+    # start (the first read takes 1 entry, the next ones 2: 5 are delivered).
     env = ledger_env(names, ledger, concurrency=4, batch_size=2, sleep=60, grace=app_grace)
     cli = start_cli("run", LEDGER_APP, "--url", redis_url, *flags, env=env)
     wait_until(
         lambda: (
-            len(read_ledger(ledger)) == 4 and pending(redis_client, names.stream, names.group) == 6
+            len(read_ledger(ledger)) == 4 and pending(redis_client, names.stream, names.group) == 5
         ),
-        what="4 handlers running and 6 entries delivered",
+        what="4 handlers running and 5 entries delivered",
         cli=cli,
     )
 
@@ -611,13 +612,16 @@ def test_handler_past_grace_period_is_cancelled_and_stays_pending(
     runs = read_ledger(ledger)
     assert len(runs) == 4
     assert all(run.end is None for run in runs)
-    assert ": stopped; 0 acked, 0 retried, 0 dead-lettered, 4 cancelled, 2 never started" in output
+    assert ": stopped; 0 acked, 0 retried, 0 dead-lettered, 4 cancelled, 1 never started" in output
     [consumer] = consumer_names(output)
     entries = redis_client.xpending_range(names.stream, names.group, "-", "+", 100)
-    assert [entry["message_id"] for entry in entries] == ids[:6]
-    assert {run.id for run in runs} <= {entry["message_id"] for entry in entries}
+    assert [entry["message_id"] for entry in entries] == ids[:5]
     assert {entry["consumer"] for entry in entries} == {consumer}
-    assert {entry["times_delivered"] for entry in entries} == {1}
+    # Given back to the group: the cancelled runs count, the entry that never started does not.
+    started = {run.id for run in runs}
+    assert {e["message_id"]: e["times_delivered"] for e in entries} == {
+        entry_id: 1 if entry_id in started else 0 for entry_id in ids[:5]
+    }
 
 
 def test_second_signal_stops_at_once(
@@ -929,13 +933,54 @@ def test_sighup_stops_a_single_process_gracefully(
     assert pending(redis_client, names.stream, names.group) == 0
 
 
+def test_stop_signal_while_the_start_waits_for_redis_is_acted_on_at_once(
+    start_cli: StartCli, names: Names, tmp_path: Path
+) -> None:
+    """Redis accepts the connection and answers nothing (SIGSTOP): the start would wait
+    15 s (three PINGs of 5 s); SIGTERM ends it at once."""
+    with own_server() as server:
+        server.pause()
+        env = ledger_env(names, tmp_path / "ledger.jsonl")
+        cli = start_cli("run", LEDGER_APP, "--url", server.url, env=env)
+        wait_until(
+            lambda: _connected_to(cli.pid, server.port), what="a connection to Redis", cli=cli
+        )
+        assert stop(cli, timeout=5) == 0, cli.output()
+        assert "SIGTERM received: stopping" in cli.output()
+        server.resume()
+
+
+def _connected_to(pid: int, port: int) -> bool:
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return False
+    return any(c.raddr and c.raddr.port == port for c in connections)
+
+
+def test_log_level_debug_shows_reads_and_acks(
+    start_cli: StartCli, redis_client: redis.Redis, redis_url: str, names: Names, tmp_path: Path
+) -> None:
+    env = ledger_env(names, tmp_path / "ledger.jsonl")
+    cli = start_cli("run", LEDGER_APP, "--url", redis_url, "--log-level", "debug", env=env)
+    cli.wait_for_output(RUNNING)
+    publish(redis_client, names.stream, 3)
+    wait_drained(redis_client, names.stream, names.group, cli)
+    assert stop(cli) == 0
+    output = cli.output()
+    assert re.search(
+        r": read [1-3] entries \(COUNT \d+\); holding \d+, \d+ bytes in memory", output
+    )
+    assert re.search(r": acked [1-3] entries", output)
+
+
 def test_password_never_shown_by_a_running_supervisor_and_workers(
     start_cli: StartCli, names: Names, tmp_path: Path
 ) -> None:
     ledger = tmp_path / "ledger.jsonl"
     # A private server, so that a password can be required. It is set once the server runs:
     # EmbeddedRedis waits for a PONG, which a server started with --requirepass never sends.
-    with EmbeddedRedis() as server:
+    with own_server() as server:
         with redis.Redis.from_url(server.url) as admin:
             admin.config_set("requirepass", SECRET)
         url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"

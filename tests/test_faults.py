@@ -151,9 +151,11 @@ class Faults:
         *,
         streams: list[str] | None = None,
         url: str | None = None,
+        processes: int = 1,
         **settings: object,
     ) -> CliProcess:
-        """A fault_app worker; `settings` override WORKER_DEFAULTS (FAULT_APP_*)."""
+        """A fault_app worker (`processes` > 1: a supervisor of that many); `settings`
+        override WORKER_DEFAULTS (FAULT_APP_*)."""
         env = {
             f"FAULT_APP_{key.upper()}": str(value)
             for key, value in {**WORKER_DEFAULTS, **settings}.items()
@@ -168,7 +170,9 @@ class Faults:
         }
         log_path = self.tmp_path / f"worker-{len(self.workers)}.log"
         worker = CliProcess(
-            ["run", FAULT_APP, "--url", url or self.url], env=env, log_path=log_path
+            ["run", FAULT_APP, "--url", url or self.url, "--workers", str(processes)],
+            env=env,
+            log_path=log_path,
         )
         self.workers.append(worker)
         worker.wait_for_output(RUNNING, timeout=20)
@@ -864,6 +868,39 @@ def test_handler_slower_than_claim_idle_is_not_claimed_away(faults: Faults) -> N
     faults.check(produced, fault_at=fault_at, max_duplicates=0, xpending_polls=polls)
 
 
+def test_a_handler_calling_sys_exit_takes_no_neighbour_to_the_dead_letter_stream(
+    faults: Faults,
+) -> None:
+    """One entry's handler calls sys.exit(3), under `--workers 2`: each time, its worker
+    stops gracefully and is restarted, and gives back the entries it had not started with
+    their delivery uncounted. Only that entry reaches the dead-letter stream (after
+    max_deliveries runs); every other entry is handled, on its first delivery."""
+    faults.start_server()
+    payloads: list[dict[str, str | bytes]] = [{"n": str(n)} for n in range(60)]
+    payloads.insert(5, {"n": "999", "exit": "3"})
+    fault_at = time.time()
+    produced = produce_now(faults.admin, faults.stream, payloads)
+    bad = list(produced)[5]
+    supervisor = faults.start_worker(processes=2, max_deliveries=3, claim_idle_ms=1000)
+    faults.wait_drained(timeout=60)
+    runs = faults.runs()
+    assert {(run.deliveries, run.outcome) for run in runs if run.id == bad} == {
+        (1, "exit"),
+        (2, "exit"),
+        (3, "exit"),
+    }
+    assert {(run.deliveries, run.outcome) for run in runs if run.id != bad} == {(1, "ok")}
+    # The worker that ran it the third time has dead-lettered it, and exits too.
+    faults.wait_output(supervisor, "exited with code 3", 3)
+    faults.check(
+        produced,
+        fault_at=fault_at,
+        max_duplicates=2,  # the runs of the entry that exits, its second and third
+        expected_dead={bad: "failed"},
+        expected_errors=(r"^SystemExit: 3$",),
+    )
+
+
 # -- 10. a least-privilege ACL user over TLS -----------------------------------------------------
 
 # The least a consumer needs, found by experiment on Redis 7.0 (take any one command away and
@@ -882,6 +919,7 @@ WORKER_ACL = " ".join(
         "+xrange",  # telling a pending entry deleted from the stream
         "+xinfo|consumers +xgroup|delconsumer",  # forgetting idle consumers
         "+multi +xadd +exec",  # the move to the dead-letter stream
+        "+eval",  # scripts: forgetting a consumer, giving entries back at stop
     ]
 )
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,7 @@ from asyncstreams.options import (
     ConsumerOptions,
     check_url,
     mask_url,
+    options_table,
     resolve_url,
 )
 
@@ -37,6 +40,13 @@ BAD_CONSUMER_OPTIONS = [
     pytest.param({"concurrency": True}, ["concurrency", "True"], id="concurrency-bool"),
     pytest.param({"concurrency": 1.5}, ["concurrency", "1.5"], id="concurrency-float"),
     pytest.param({"batch_size": 0}, ["batch_size", "0"], id="batch_size-0"),
+    pytest.param(
+        {"streams": ("a", "b", "c"), "batch_size": 2},
+        ["batch_size (2)", "number of streams (3)", "COUNT 0"],
+        id="batch_size-below-streams",
+    ),
+    pytest.param({"pause_after_failures": 0}, ["pause_after_failures", "0"], id="pause-0"),
+    pytest.param({"max_memory_bytes": 0}, ["max_memory_bytes", "0"], id="max_memory-0"),
     pytest.param({"block_ms": 0}, ["block_ms", "0"], id="block_ms-0"),
     pytest.param({"start_id": ">"}, ["start_id", '">"'], id="start_id-gt"),
     pytest.param({"start_id": ""}, ["start_id", "''"], id="start_id-empty"),
@@ -83,10 +93,10 @@ def test_decorator_refuses_zero_concurrency() -> None:
 
 def test_sane_consumer_options_are_kept() -> None:
     options = consumer_options(
-        streams=("a", "b"), concurrency=1, batch_size=1, block_ms=1, start_id="$"
+        streams=("a", "b"), concurrency=1, batch_size=2, block_ms=1, start_id="$"
     )
     assert options.streams == ("a", "b")
-    assert (options.concurrency, options.batch_size, options.block_ms) == (1, 1, 1)
+    assert (options.concurrency, options.batch_size, options.block_ms) == (1, 2, 1)
     assert options.start_id == "$"
 
 
@@ -291,3 +301,32 @@ def test_bad_scheme_error_never_shows_the_password(url: str) -> None:
         with pytest.raises(ConfigurationError) as caught:
             refuse(url)
         assert "secret" not in str(caught.value)
+
+
+# -- one declaration ---------------------------------------------------------------------
+
+
+def test_app_consumer_takes_exactly_the_consumer_options() -> None:
+    """`@app.consumer`'s signature is ConsumerOptions': names, kinds and defaults."""
+    decorator = inspect.signature(App().consumer).parameters
+    declared = inspect.signature(ConsumerOptions).parameters
+    assert list(decorator) == list(declared)
+    for name, parameter in declared.items():
+        assert decorator[name].kind == parameter.kind
+        assert decorator[name].default == parameter.default
+
+
+def test_the_readme_options_table_is_made_from_consumer_options() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert options_table() in readme, "README.md: paste asyncstreams.options.options_table()"
+
+
+def test_a_missing_group_is_a_configuration_error() -> None:
+    options: dict[str, Any] = {}
+    with pytest.raises(ConfigurationError, match=r"expected group=\.\.\., the consumer group"):
+        App().consumer("orders", **options)
+
+
+def test_options_go_by_name() -> None:
+    with pytest.raises(ConfigurationError, match="2 positional arguments"):
+        App().consumer("orders", "billing")  # type: ignore[misc]

@@ -66,6 +66,38 @@ async def _true(value: bool) -> bool:
     return value
 
 
+class Thumbnail(msgspec.Struct):
+    name: str
+    png: bytes
+
+
+async def test_binary_field_values_reach_bytes_fields_raw_and_are_ignored_elsewhere(
+    redis_url: str, names: Names
+) -> None:
+    """A binary value in a field the Struct does not declare is ignored, like any unknown
+    field; a `bytes` field gets the value as stored; publish writes bytes as they are."""
+    png = b"\x89PNG\r\n\x1a\n\x00\xff\xfe"
+    raw = aioredis.Redis.from_url(redis_url, protocol=2)
+    app = App(redis_url)
+    received: list[Thumbnail] = []
+
+    @app.consumer(names.stream, group=names.group)
+    async def handle(thumbnail: Thumbnail) -> None:
+        received.append(thumbnail)
+
+    try:
+        await raw.xadd(names.stream, {"name": "a", "png": png, "checksum": b"\xde\xad\xbe\xef"})
+        async with app:
+            published = await app.publish(names.stream, Thumbnail("b", png))
+            await eventually(lambda: _true(len(received) == 2), what="2 thumbnails handled")
+        assert received == [Thumbnail("a", png), Thumbnail("b", png)]
+        [(_, stored)] = await raw.xrange(names.stream, published, published)
+        assert stored == {b"name": b"b", b"png": png}
+        assert await raw.xlen(f"{names.stream}:dead-letter") == 0
+    finally:
+        await raw.aclose()
+
+
 async def test_dict_payload_and_fields_handler(redis_url: str, names: Names) -> None:
     app = App(redis_url)
     seen: list[dict[str, str]] = []
@@ -463,7 +495,8 @@ async def test_consumer_names_are_unique_and_overridable(
 async def test_a_cancelled_read_never_leaves_a_reply_on_its_connection(
     redis_url: str, names: Names, client: aioredis.Redis
 ) -> None:
-    from asyncstreams._redis import GroupReader, create_client
+    from asyncstreams._commands import GroupReader
+    from asyncstreams._transport import create_client
 
     await client.xgroup_create(names.stream, names.group, id="0", mkstream=True)
     app_client = create_client(redis_url, max_connections=2)
@@ -479,7 +512,7 @@ async def test_a_cancelled_read_never_leaves_a_reply_on_its_connection(
         # The new read sees the entry, unless the server handed it to the cut read before it
         # noticed the disconnect: then it is pending for this consumer (never lost), and the
         # recovery of the consumer's own pending entries delivers it again.
-        read = [(stream, entry.decode(), flat) for stream, entry, flat, _ in entries]
+        read = [(stream, entry.decode(), flat) for stream, entry, flat, _, _ in entries]
         pending = await client.xpending_range(names.stream, names.group, "-", "+", 10, "c")
         if read:
             assert read == [(names.stream, entry_id, [b"n", b"1"])]

@@ -8,8 +8,9 @@ handler run takes.
 
 Entries decode into `Payload`, so a field of the wrong type, invalid JSON in `meta` or
 invalid UTF-8 is a poison entry. The payload also steers the run: `sleep` overrides SLEEP,
-`fail` makes every run raise `PoisonError`, and `hang` makes the run hang (for an hour) on
-the entry's first `hang` deliveries, so that a later delivery goes through.
+`fail` makes every run raise `PoisonError`, `exit` makes every run call `sys.exit(exit)`,
+and `hang` makes the run hang (for an hour) on the entry's first `hang` deliveries, so that
+a later delivery goes through.
 
 Each run appends a "start" and an "end" JSON line to the ledger (O_APPEND writes of one
 line are atomic): entry id, stream, pid, consumer, delivery count, start and end times, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 import msgspec
@@ -57,6 +59,7 @@ class Payload(msgspec.Struct):
     sleep: float | None = None
     fail: bool = False
     hang: int = 0
+    exit: int = 0
     blob: str = ""
 
 
@@ -102,9 +105,14 @@ async def handle(payload: Payload, msg: Message) -> None:
             await asyncio.sleep(duration)
         if payload.fail:
             raise PoisonError(f"entry {msg.id} (n={payload.n}) fails on every delivery")
+        if payload.exit:
+            sys.exit(payload.exit)
         outcome = "ok"
     except asyncio.CancelledError:
         outcome = "cancelled"
+        raise
+    except SystemExit:
+        outcome = "exit"
         raise
     finally:
         record({**key, "event": "end", "end": time.time(), "outcome": outcome})

@@ -1,0 +1,434 @@
+"""The Redis commands asyncstreams sends, and their replies as plain values.
+
+Stream names are str, entry ids bytes, an entry's fields the flat `[name, value, ...]` list
+Redis sends. RESP2 and RESP3 reply shapes, NOGROUP and WRONGTYPE are dealt with here; the
+connections and what an error means are _transport.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
+from typing import NamedTuple
+
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+
+from ._transport import (
+    SOCKET_TIMEOUT,
+    Link,
+    Redis,
+    describe,
+    is_transient,
+    pack,
+    raw,
+    raw_many,
+    transaction,
+)
+from .errors import ConfigurationError, RedisUnavailableError
+from .message import Entry, entry
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+# -- groups and publishing ---------------------------------------------------------------
+
+
+async def ensure_group(client: Redis, stream: str, group: str, start_id: str | bytes) -> bool:
+    """Create `group` on `stream` at `start_id` (and the stream if missing); True if created.
+
+    XGROUP CREATE is refused while Redis is full (maxmemory) even when the group exists, so
+    then the group is looked for instead: a consumer of an existing group starts, and drains
+    the stream, however full Redis is.
+    """
+    try:
+        await raw(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
+    except OutOfMemoryError:
+        if await group_exists(client, stream, group):
+            return False
+        raise
+    except ResponseError as exc:
+        if str(exc).startswith("BUSYGROUP"):
+            return False
+        if str(exc).startswith("WRONGTYPE"):
+            raise await _not_a_stream(client, stream) from None
+        raise
+    return True
+
+
+async def group_exists(client: Redis, stream: str, group: str) -> bool:
+    """Whether `group` exists on `stream` (XPENDING's summary: NOGROUP if it does not)."""
+    try:
+        await raw(client, "XPENDING", stream, group)
+    except ResponseError as exc:
+        if str(exc).startswith("NOGROUP"):
+            return False
+        raise
+    return True
+
+
+async def _not_a_stream(client: Redis, stream: str) -> ConfigurationError:
+    found = _text(await raw(client, "TYPE", stream))
+    return ConfigurationError(f"key {stream!r}: expected a stream, found a {found}")
+
+
+async def add(
+    client: Redis,
+    stream: str,
+    payloads: list[Mapping[str, str | bytes]],
+    *,
+    maxlen: int | None,
+    approximate: bool,
+) -> list[str]:
+    """XADD each field map to `stream`, pipelined 1000 at a time; returns the new entry ids.
+
+    Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when the
+    key holds something other than a stream.
+    """
+    head: tuple[str | int, ...] = ("XADD", stream)
+    if maxlen is not None:
+        head += ("MAXLEN", "~" if approximate else "=", maxlen)
+    head += ("*",)
+    ids: list[str] = []
+    for start in range(0, len(payloads), 1000):
+        chunk = payloads[start : start + 1000]
+        packed = b"".join(pack((*head, *chain.from_iterable(f.items()))) for f in chunk)
+        try:
+            replies = await raw_many(client, packed, len(chunk))
+        except (RedisError, OSError) as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                raise await _not_a_stream(client, stream) from None
+            if is_transient(exc):
+                raise RedisUnavailableError(
+                    f"cannot publish to {stream!r}: Redis at {describe(client)} is unavailable: "
+                    f"{exc}"
+                ) from exc
+            raise
+        ids += [_text(entry_id) for entry_id in replies]
+    return ids
+
+
+# -- reading and acking ------------------------------------------------------------------
+
+
+class GroupReader:
+    """XREADGROUP for one consumer on a Link of its own.
+
+    A blocking read holds its connection for up to BLOCK ms, so the reader never borrows a
+    connection that acks or publishes are waiting for. The read timeout is BLOCK plus the
+    socket timeout: a plain socket timeout shorter than BLOCK would cut every idle read.
+    """
+
+    def __init__(
+        self, client: Redis, streams: Iterable[str], group: str, consumer: str, block_ms: int
+    ) -> None:
+        names = tuple(streams)
+        self._link = Link(client)
+        self._head: tuple[str, ...] = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
+        self._tail: tuple[str | int, ...] = ("BLOCK", block_ms, "STREAMS", *names)
+        self._tail += tuple(">" for _ in names)
+        self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
+        self._names = {name.encode(): name for name in names}
+        # The last entry id read from each stream: where a deleted group is recreated.
+        self.last_ids: dict[str, bytes] = {}
+
+    @property
+    def blocked(self) -> bool:
+        """True from sending XREADGROUP until its reply is read."""
+        return self._link.busy
+
+    async def read(self, count: int) -> list[Entry]:
+        """Entries never delivered to the group before, at most `count` (>= 1) per stream.
+
+        COUNT 0 would mean no limit at all to Redis: a caller's mistake, refused here.
+        """
+        if count < 1:
+            raise ValueError(f"XREADGROUP COUNT must be at least 1, got {count}")
+        reply = await self._link.call(pack((*self._head, count, *self._tail)), self._timeout)
+        if not reply:
+            return []
+        names = self._names
+        # RESP2: [[stream, entries], ...]; RESP3: {stream: entries}.
+        streams = reply.items() if isinstance(reply, dict) else reply
+        result: list[Entry] = []
+        for name, entries in streams:
+            stream = names[name]
+            result += [(stream, i, f, 1, sum(map(len, f))) for i, f in entries]
+            if entries:
+                self.last_ids[stream] = entries[-1][0]
+        return result
+
+    async def unblock(self, client: Redis) -> None:
+        """Make a blocked read return now, empty, as if its BLOCK timed out (best effort).
+
+        Without permission for CLIENT ID or CLIENT UNBLOCK the read just runs out its BLOCK.
+        """
+        client_id = self._link.client_id
+        if self.blocked and client_id is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await raw(client, "CLIENT", "UNBLOCK", client_id)
+
+    async def close(self) -> None:
+        await self._link.close()
+
+
+class Acker:
+    """XACK for one consumer, on a Link of its own: one XACK per stream, pipelined."""
+
+    def __init__(self, client: Redis, group: str) -> None:
+        self._link = Link(client)
+        self._group = group
+
+    async def ack(self, ids_by_stream: Mapping[str, list[bytes]]) -> None:
+        group = self._group
+        commands = [
+            pack(("XACK", stream, group, *ids)) for stream, ids in ids_by_stream.items() if ids
+        ]
+        if commands:
+            await self._link.call(b"".join(commands), replies=len(commands))
+
+    async def close(self) -> None:
+        await self._link.close()
+
+
+async def ack(client: Redis, stream: str, group: str, ids: Sequence[bytes]) -> None:
+    await raw(client, "XACK", stream, group, *ids)
+
+
+# -- pending entries: claims, renewal, giving back -----------------------------------------
+
+
+class Pending(NamedTuple):
+    """One entry of a consumer's pending entries list (PEL), as XPENDING reports it."""
+
+    id: bytes
+    idle_ms: int
+    deliveries: int
+
+
+async def pending(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    start: bytes | str = "-",
+    end: bytes | str = "+",
+    count: int,
+) -> list[Pending]:
+    """XPENDING ... IDLE: `consumer`'s pending entries idle at least `min_idle_ms`, by id."""
+    reply = await raw(
+        client, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
+    )
+    return [Pending(_bytes(entry_id), int(idle), int(count)) for entry_id, _, idle, count in reply]
+
+
+async def claim(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    due: Sequence[tuple[bytes, int]],
+    *,
+    min_idle_ms: int,
+) -> list[Entry]:
+    """XCLAIM the `due` (id, deliveries so far) entries still idle at least `min_idle_ms`.
+
+    Each delivery counter grows by one, and so does the count in the entries returned.
+    Entries deleted (trimmed) while pending come back without fields on Redis 6.2 and not
+    at all on Redis 7; either way they are left out here: see `missing`.
+    """
+    counts = dict(due)
+    reply = await raw(client, "XCLAIM", stream, group, consumer, min_idle_ms, *counts)
+    return [
+        entry(stream, _bytes(item[0]), item[1], counts[_bytes(item[0])] + 1)
+        for item in reply
+        if item and item[1] is not None
+    ]
+
+
+async def missing(client: Redis, stream: str, ids: Iterable[bytes]) -> list[bytes]:
+    """Those of `ids` no longer in the stream (deleted by XDEL, MAXLEN or XTRIM)."""
+    gone = []
+    for entry_id in ids:
+        if not await raw(client, "XRANGE", stream, entry_id, entry_id):
+            gone.append(entry_id)
+    return gone
+
+
+async def fields_of(client: Redis, stream: str, entry_id: bytes) -> list[bytes] | None:
+    """XRANGE of one entry: its fields, or None once it is deleted. Not a delivery."""
+    reply = await raw(client, "XRANGE", stream, entry_id, entry_id)
+    return reply[0][1] if reply else None
+
+
+async def autoclaim(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    cursor: bytes,
+    count: int,
+) -> tuple[bytes, list[tuple[bytes, list[bytes]]], int]:
+    """XAUTOCLAIM: (next cursor, claimed (id, fields), how many were found deleted).
+
+    Redis 7 drops deleted entries from the PEL itself and lists their ids; Redis 6.2 replies
+    nil for them and leaves them pending on this consumer, for its own sweep to find and
+    count (so they are not counted here).
+    """
+    reply = await raw(
+        client, "XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count
+    )
+    entries = [(_bytes(item[0]), item[1]) for item in reply[1] if item and item[1] is not None]
+    deleted = len(reply[2]) if len(reply) > 2 else 0
+    return _bytes(reply[0]), entries, deleted
+
+
+async def renew(
+    client: Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+) -> set[bytes]:
+    """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID).
+
+    Returns those still pending (the others were acked meanwhile).
+    """
+    reply = await raw(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+    return {_bytes(entry_id) for entry_id in reply}
+
+
+# Hands entries back to the group: for each (id, idle ms, delivery count) still pending on
+# this consumer, sets its idle time and its delivery counter (XCLAIM ... IDLE RETRYCOUNT
+# JUSTID, which itself counts no delivery). One script, so that an entry another consumer
+# has claimed meanwhile is left alone. KEYS[1]: the stream; ARGV: group, consumer, triples.
+_GIVE_BACK = """
+local given = 0
+for i = 3, #ARGV, 3 do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+               'IDLE', ARGV[i + 1], 'RETRYCOUNT', ARGV[i + 2], 'JUSTID')
+    given = given + 1
+  end
+end
+return given
+"""
+
+
+async def give_back(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    entries: Sequence[tuple[bytes, int, int]],
+) -> int:
+    """Leave (id, idle ms, deliveries) entries to the group: a consumer that claims entries
+    idle for `claim_idle_ms` may take each once its idle time gets there, and its delivery
+    counter says how many times it really ran. Returns how many were still ours.
+
+    200 entries per script, so that no one call holds Redis for long.
+    """
+    given = 0
+    for start in range(0, len(entries), 200):
+        args: list[bytes | int] = list(chain.from_iterable(entries[start : start + 200]))
+        given += int(await raw(client, "EVAL", _GIVE_BACK, 1, stream, group, consumer, *args))
+    return given
+
+
+async def move(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    entry_id: bytes,
+    target: str,
+    fields: list[bytes | str],
+) -> None:
+    """XADD `fields` to `target` and XACK `entry_id`, in one MULTI: never both, never neither.
+
+    If the XADD fails as the transaction runs (the target holds another type, say), the
+    XACK has run all the same: the entry is put back in the PEL (XCLAIM ... FORCE) and the
+    error raised, so it stays pending.
+    """
+    added, acked = await transaction(
+        client, ("XADD", target, "*", *fields), ("XACK", stream, group, entry_id)
+    )
+    if isinstance(added, ResponseError):
+        if acked:
+            await raw(client, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
+        raise added
+
+
+# -- consumers of a group ----------------------------------------------------------------
+
+
+class ConsumerInfo(NamedTuple):
+    name: str
+    pending: int
+    idle_ms: int
+
+
+async def consumers(client: Redis, stream: str, group: str) -> list[ConsumerInfo]:
+    """XINFO CONSUMERS: each consumer of the group, its pending count and idle time."""
+    reply = await raw(client, "XINFO", "CONSUMERS", stream, group)
+    result = []
+    for item in reply:
+        info = dict(zip(item[::2], item[1::2], strict=True)) if isinstance(item, list) else item
+        info = {_text(key): value for key, value in info.items()}
+        result.append(ConsumerInfo(_text(info["name"]), int(info["pending"]), int(info["idle"])))
+    return result
+
+
+# Deletes a consumer only if nothing is pending on it, in one step: a consumer that reads
+# between a check and a separate DELCONSUMER would lose its new entries from the PEL.
+# KEYS[1]: the stream; ARGV: group, consumer. Returns -1 when it kept the consumer.
+_DELETE_IF_IDLE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+  return -1
+end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
+async def delete_consumer_if_idle(client: Redis, stream: str, group: str, name: str) -> bool:
+    """XGROUP DELCONSUMER `name`, only while nothing is pending on it; True if deleted."""
+    return int(await raw(client, "EVAL", _DELETE_IF_IDLE, 1, stream, group, name)) >= 0
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+async def entries(
+    client: Redis, stream: str, *, after: bytes | str, count: int
+) -> list[tuple[bytes, list[bytes]]]:
+    """XRANGE: up to `count` entries of `stream` after id `after` ("-" for the first)."""
+    start = after if after == "-" else b"(" + _bytes(after)
+    reply = await raw(client, "XRANGE", stream, start, "+", "COUNT", count)
+    return [(_bytes(entry_id), flat) for entry_id, flat in reply]
+
+
+async def move_back(
+    client: Redis,
+    source: str,
+    entry_id: bytes,
+    source_fields: list[bytes],
+    target: str,
+    fields: list[bytes],
+) -> str:
+    """XADD `fields` to `target` and XDEL `entry_id` (whose fields are `source_fields`)
+    from `source`, in one MULTI. If the XADD fails as it runs, the XDEL has run all the
+    same: the entry is added back to `source` (under a new id) and the error raised."""
+    new_id, _ = await transaction(
+        client, ("XADD", target, "*", *fields), ("XDEL", source, entry_id)
+    )
+    if isinstance(new_id, ResponseError):
+        await raw(client, "XADD", source, "*", *source_fields)
+        raise new_id
+    return _text(new_id)

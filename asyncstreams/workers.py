@@ -1,0 +1,261 @@
+"""The handler workers of one consumer: a fixed pool of tasks taking queued entries from the
+ledger, calling the handler, and telling the ledger how it went.
+
+The per-entry path uses plain asyncio futures and the ledger's deque rather than anyio
+primitives: a fixed pool of worker tasks costs no task creation per entry. Measured on
+uvloop (2-core machine, a no-op coroutine per entry): anyio's `start_soon` in one task
+group, 18,500 entries/s; `loop.create_task` per entry, 171,000/s; the worker pool,
+2,070,000/s. The pool itself is one task of the consumer's task group, which owns it.
+
+What a handler raises is a failure of its entry (failures.py), whatever it is: any
+Exception, a BaseException of its own, and an `asyncio.CancelledError` that the consumer
+did not cause (a library's timeout, say). Only the consumer's own stop cancels a handler.
+A handler that raises KeyboardInterrupt or SystemExit also stops the app, gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from ._tasks import cancel_and_wait
+from .codec import Invoke, InvokeBatch
+from .failures import Failures, TooLarge
+from .ledger import Ledger
+from .message import Entry
+
+log = logging.getLogger("asyncstreams.consumer")
+
+# How long the workers get to stop once cancelled.
+STOP_TIMEOUT = 5.0
+# What a handler may raise to stop the process; it also fails its entry.
+EXITS = (KeyboardInterrupt, SystemExit)
+
+
+@dataclass(slots=True)
+class Counts:
+    cancelled: int = 0
+
+
+class Workers:
+    """`concurrency` tasks that run the handler on what the ledger has queued."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        failures: Failures,
+        *,
+        concurrency: int,
+        max_payload_bytes: int | None,
+        batch_size: int,
+        invoke: Invoke | None,
+        invoke_batch: InvokeBatch | None,
+        exit_requested: Callable[[BaseException], None],
+        name: str,
+    ) -> None:
+        self._ledger = ledger
+        self._failures = failures
+        self._concurrency = concurrency
+        self._max_payload = max_payload_bytes
+        self._batch_size = batch_size
+        self._invoke = invoke
+        self._invoke_batch = invoke_batch
+        self._exit_requested = exit_requested
+        self._name = name
+        self.counts = Counts()
+        self._idle: list[asyncio.Future[None]] = []
+        self._top_up_scheduled = False
+        self._drained: asyncio.Future[None] | None = None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the workers until cancelled; a worker that fails (a bug) fails this too.
+
+        Stopping is bounded: a handler that will not stop when cancelled is left behind
+        after STOP_TIMEOUT (its entry stays pending), so a stop never hangs.
+        """
+        loop = asyncio.get_running_loop()
+        work = self._work if self._invoke is not None else self._work_batches
+        tasks = [
+            loop.create_task(work(), name=f"asyncstreams worker {self._name}")
+            for _ in range(self._concurrency)
+        ]
+        task_status.started()
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises what the worker died of
+        finally:
+            stuck = await cancel_and_wait(tasks, STOP_TIMEOUT)
+            if stuck:
+                log.error(
+                    "%s: %d handlers did not stop within %.0f s of being cancelled (a handler "
+                    "that swallows cancellation?); their entries stay pending",
+                    self._name,
+                    len(stuck),
+                    STOP_TIMEOUT,
+                )
+
+    # -- waking and draining -----------------------------------------------------------
+
+    def wake(self, count: int) -> None:
+        """`count` entries were queued: wake a worker for them.
+
+        More workers are woken only once the first one yields: a handler that never awaits
+        anything runs the whole batch in that one worker without waking the others.
+        """
+        if not self._idle:
+            return
+        self._wake(1)
+        if count > 1 and not self._top_up_scheduled:
+            self._top_up_scheduled = True
+            asyncio.get_running_loop().call_soon(self._top_up)
+
+    def _top_up(self) -> None:
+        self._top_up_scheduled = False
+        self._wake(len(self._ledger.queue))
+
+    def _wake(self, count: int) -> None:
+        idle = self._idle
+        for _ in range(min(count, len(idle))):
+            waiter = idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def idle(self) -> bool:
+        """Every worker waits for entries and none are queued."""
+        return not self._ledger.queue and len(self._idle) == self._concurrency
+
+    async def drain(self, grace_period: float) -> None:
+        """Let the handlers finish what was queued, for at most `grace_period` seconds."""
+        if self.idle:
+            return
+        self._drained = asyncio.get_running_loop().create_future()
+        with anyio.move_on_after(grace_period):
+            await self._drained
+
+    async def _park(self) -> None:
+        """A worker found the queue empty: wait until entries are queued.
+
+        The reader may read on now (while the last acks are still on their way, not after
+        they return), and a drain is over when the last worker parks.
+        """
+        self._ledger.wake_reader()
+        drained = self._drained
+        everyone_idle = len(self._idle) + 1 == self._concurrency
+        if drained is not None and everyone_idle and not drained.done():
+            drained.set_result(None)
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        await waiter
+
+    # -- running handlers --------------------------------------------------------------
+
+    def _ours(self, exc: BaseException) -> bool:
+        """Whether `exc` is the consumer's own cancellation of this worker."""
+        task = asyncio.current_task()
+        return (
+            isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
+        )
+
+    async def _failed(
+        self, entries: Sequence[Entry], exc: BaseException, *, logged: bool = False
+    ) -> None:
+        """Running `entries` were not handled: the failure policy decides what becomes of
+        them. Cancelled meanwhile (in a move to the dead-letter stream), the rest stay held."""
+        for index, entry in enumerate(entries):
+            try:
+                await self._failures.failed(entry, exc, logged=logged)
+            except BaseException:
+                self._ledger.cancelled(entries[index:])
+                raise
+        if isinstance(exc, EXITS):
+            self._exit_requested(exc)
+
+    async def _work(self) -> None:
+        ledger = self._ledger
+        queue = ledger.queue
+        invoke = self._invoke
+        assert invoke is not None
+        max_payload = self._max_payload
+        while True:
+            if not queue:
+                await self._park()
+                continue
+            entry = ledger.start()
+            try:
+                if max_payload is not None and entry[4] > max_payload:
+                    raise TooLarge(entry, max_payload)
+                await invoke(entry[0], entry[1], entry[2], entry[3])
+            except BaseException as exc:
+                if self._ours(exc):
+                    self.counts.cancelled += 1
+                    ledger.cancelled([entry])
+                    raise
+                await self._failed([entry], exc)
+                continue
+            ledger.finished(entry)
+
+    async def _work_batches(self) -> None:
+        """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
+
+        Entries on a retry run one per call: one entry that keeps failing must not take the
+        rest of its first batch to the dead-letter stream with it.
+        """
+        ledger = self._ledger
+        queue = ledger.queue
+        while True:
+            if not queue:
+                await self._park()
+                continue
+            taken = ledger.start_many(self._batch_size)
+            first = [entry for entry in taken if entry[3] == 1]
+            batches = [[entry] for entry in taken if entry[3] > 1]
+            if first:
+                batches.insert(0, first)
+            for index, batch in enumerate(batches):
+                try:
+                    await self._run_batch(batch)
+                except BaseException:
+                    # Cancelled: this batch was cancelled in _run_batch; the later ones
+                    # never started.
+                    ledger.cancelled([entry for later in batches[index + 1 :] for entry in later])
+                    raise
+
+    async def _run_batch(self, batch: list[Entry]) -> None:
+        """One call of a batch handler. Entries too large or that do not decode are split
+        out and dealt with one by one; the others go to the handler together."""
+        invoke_batch = self._invoke_batch
+        assert invoke_batch is not None
+        max_payload = self._max_payload
+        if max_payload is not None:
+            fits = []
+            for entry in batch:
+                if entry[4] > max_payload:
+                    await self._failed([entry], TooLarge(entry, max_payload))
+                else:
+                    fits.append(entry)
+            batch = fits
+        passed, rejected, call = invoke_batch(batch)
+        for entry, decode_error in rejected:
+            await self._failed([entry], decode_error)
+        if call is None:
+            return
+        try:
+            await call
+        except BaseException as exc:
+            if self._ours(exc):
+                self.counts.cancelled += len(passed)
+                self._ledger.cancelled(passed)
+                raise
+            self._failures.batch_failed(passed, exc)
+            await self._failed(passed, exc, logged=True)
+            return
+        self._ledger.finished_many(passed)
