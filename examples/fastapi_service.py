@@ -13,7 +13,10 @@ the web service's event loop, and stop (handlers finished, acks sent) when it sh
     curl localhost:8000/stats
 
 `POST /tasks` publishes a Task to the `task_queue` stream and returns its entry id;
-`GET /stats` says how many tasks the embedded consumer (group `task_consumers`) has handled.
+`GET /stats` says how many tasks the embedded consumer (group `task_consumers`) has handled;
+`GET /health` answers 503 once the consumers have stopped for good: if one of them fails
+(Redis refuses its reads, say), the lifespan ends with that error, and uvicorn logs it but
+goes on serving HTTP, so it is the health check that tells the orchestrator to restart.
 asyncstreams logs through `logging`; uvicorn only configures its own loggers, so add
 `--log-config` (or `logging.basicConfig`) to see the consumers' start and stop lines.
 """
@@ -29,7 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import msgspec
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from pydantic import BaseModel
 
 from asyncstreams import App, Message
@@ -58,6 +61,11 @@ class Stats(BaseModel):
     stream: str
     group: str
     handled: int
+
+
+class Health(BaseModel):
+    consuming: bool
+    failure: str | None
 
 
 @dataclass
@@ -99,6 +107,16 @@ def create_service(
     @api.get("/stats")
     async def stats() -> Stats:
         return Stats(stream=stream, group=group, handled=counter.handled)
+
+    @api.get("/health", responses={503: {"model": Health}})
+    async def health(response: Response) -> Health:
+        failure = worker.failure
+        if not worker.running:
+            response.status_code = 503
+        return Health(
+            consuming=worker.running,
+            failure=None if failure is None else f"{type(failure).__name__}: {failure}",
+        )
 
     return api
 

@@ -100,6 +100,11 @@ async def test_fastapi_service_handles_what_it_publishes(
 
             await eventually(all_handled, what="5 tasks handled")
             assert await handled() == 5
+            health = await http.get("/health")
+            assert (health.status_code, health.json()) == (
+                200,
+                {"consuming": True, "failure": None},
+            )
 
         async def nothing_pending() -> bool:
             return await pending_count(client, names.stream, names.group) == 0
