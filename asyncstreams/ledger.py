@@ -22,12 +22,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import NamedTuple
 
 from .message import Entry
 
 # How long a finished entry may wait for others to share its XACK.
 ACK_INTERVAL = 0.002
+# An entry's id and size, in C: read for every entry delivered.
+_ID = itemgetter(1)
+_SIZE = itemgetter(4)
 
 
 class Retry(NamedTuple):
@@ -48,6 +52,31 @@ class Move(NamedTuple):
 
 class Ledger:
     """What one consumer holds, by state and by stream; `room()` and waiting for it."""
+
+    __slots__ = (
+        "_batch_size",
+        "_entry_size",
+        "_ids",
+        "_in_flight",
+        "_in_flight_count",
+        "_max_memory",
+        "_moving",
+        "_n_streams",
+        "_parked",
+        "_retries",
+        "_room_waiters",
+        "ack_count",
+        "ack_due",
+        "acks",
+        "closed",
+        "held",
+        "limit",
+        "memory",
+        "queue",
+        "reads_paused",
+        "running",
+        "successes",
+    )
 
     def __init__(
         self,
@@ -175,9 +204,12 @@ class Ledger:
             return
         self._in_memory(entries)
         self.held += len(entries)
-        ids = self._ids
-        for entry in entries:
-            ids[entry[0]].add(entry[1])
+        if self._n_streams == 1:
+            self._ids[entries[0][0]].update(map(_ID, entries))
+        else:
+            ids = self._ids
+            for entry in entries:
+                ids[entry[0]].add(entry[1])
         self.queue.extend(entries)
 
     def hold_running(self, entry: Entry) -> None:
@@ -191,9 +223,8 @@ class Ledger:
     def _in_memory(self, entries: list[Entry]) -> None:
         """Count the bytes of entries brought into memory; reads are planned with the size
         of the largest of recent ones."""
-        sizes = [entry[4] for entry in entries]
-        self._entry_size = max(max(sizes), self._entry_size // 2)
-        self.memory += sum(sizes)
+        self._entry_size = max(max(map(_SIZE, entries)), self._entry_size // 2)
+        self.memory += sum(map(_SIZE, entries))
 
     # -- queued -> running -> acking ---------------------------------------------------
 
@@ -229,7 +260,7 @@ class Ledger:
         for entry in entries:
             acks[entry[0]].append(entry[1])
         self.running -= len(entries)
-        self.memory -= sum(entry[4] for entry in entries)
+        self.memory -= sum(map(_SIZE, entries))
         self.ack_count += len(entries)
         self.successes += 1
         if self.reads_paused:
