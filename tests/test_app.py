@@ -208,7 +208,7 @@ async def test_a_replica_url_is_refused_in_one_clear_line(replica: EmbeddedRedis
 
 @pytest.fixture
 def full_server() -> Iterator[EmbeddedRedis]:
-    server = own_server("--maxmemory", "4mb", "--maxmemory-policy", "noeviction").start()
+    server = own_server("--maxmemory-policy", "noeviction").start()
     try:
         yield server
     finally:
@@ -216,15 +216,18 @@ def full_server() -> Iterator[EmbeddedRedis]:
 
 
 async def _fill_up(client: aioredis.Redis) -> None:
-    """Write filler until Redis refuses writes (maxmemory)."""
+    """Make Redis full: maxmemory below what it uses, so that every command that may add
+    memory (XGROUP CREATE, XADD) is refused with OOM until `_make_room`."""
     from redis.exceptions import OutOfMemoryError
 
-    for n in range(1000):
-        try:
-            await client.set(f"filler:{n}", "x" * 100_000)
-        except OutOfMemoryError:
-            return
-    raise AssertionError("Redis never filled up")
+    used = int((await client.info("memory"))["used_memory"])
+    await client.config_set("maxmemory", used // 2)
+    with pytest.raises(OutOfMemoryError):
+        await client.xgroup_create("jobs", "workers", id="0", mkstream=True)
+
+
+async def _make_room(client: aioredis.Redis) -> None:
+    await client.config_set("maxmemory", 0)
 
 
 async def test_a_consumer_started_while_redis_is_full_drains_the_stream(
@@ -279,7 +282,7 @@ async def test_moves_refused_by_a_full_redis_are_held_and_logged_in_bounds(
             await eventually(lambda: _more(_oom_errors(client), refused + 2), what="2 rounds")
             assert len(runs) == 100
             assert max(runs) == 2
-            await client.delete(*[f"filler:{n}" for n in range(1000)])
+            await _make_room(client)
             await wait_drained(client, "jobs", "workers")
         dead = await client.xrange("jobs:dead-letter")
         assert len(dead) == 50
