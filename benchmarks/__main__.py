@@ -87,7 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--memory-entries", type=_positive, metavar="N", help="backlog of the memory scenario"
     )
+    parser.add_argument(
+        "--baseline-source",
+        type=_source,
+        metavar="DIR",
+        help="a folder holding another asyncstreams package (a checkout of an earlier "
+        "commit, say): the drain scenario runs it too, beside this one, for a before/after",
+    )
     return parser
+
+
+def _source(text: str) -> Path:
+    folder = Path(text).resolve()
+    if not (folder / "asyncstreams" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(
+            f"expected a folder with an asyncstreams package in it, found none in {folder}"
+        )
+    return folder
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -108,6 +124,8 @@ def config_from(args: argparse.Namespace) -> Config:
         overrides["latency_seconds"] = args.latency_seconds
     if args.memory_entries:
         overrides["memory_entries"] = args.memory_entries
+    if args.baseline_source:
+        overrides["baseline_source"] = args.baseline_source
     if args.quick:
         return quick_config(**overrides)
     return Config(**overrides)  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ class Config:
     workers: tuple[int, ...] = (1, 2)
     memory_entries: int = 1_000_000
     entry_size: int = 100
+    # Another source tree's asyncstreams, drained beside this one (a before/after in one run).
+    baseline_source: Path | None = None
 
     @property
     def workers_entries(self) -> int:

@@ -35,14 +35,19 @@ class Child:
     """A process whose stdout is read line by line; stderr goes to a file shown on failure."""
 
     def __init__(
-        self, argv: Sequence[str], *, name: str, env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  # closed in close()
         preexec: Callable[[], None] | None = _die_with_parent if sys.platform == "linux" else None
         self.process = subprocess.Popen(
             list(argv),
-            cwd=ROOT,
+            cwd=cwd,
             env=dict(env) if env is not None else None,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -73,6 +73,7 @@ def _drain(
     batch_size: int = 0,
     loop: Loop = "uvloop",
     sample_rss: bool = False,
+    source: str = "",
 ) -> RunStep:
     def run(store: Store, dataset: DataSet | None) -> Run:
         assert dataset is not None
@@ -86,6 +87,7 @@ def _drain(
             batch_size=batch_size,
             loop=loop,
             sample_rss=sample_rss,
+            source=source,
         )
 
     return run
@@ -96,7 +98,17 @@ def drain(config: Config) -> list[Step]:
     fs_data = (min(config.drain_entries, config.faststream_entries), config.entry_size)
     no_fs = _faststream_missing()
     row = partial(Step, "drain", "no-op", repeat=config.repeat, data=data)
-    return [
+    before = []
+    if config.baseline_source is not None:
+        source = str(config.baseline_source)
+        before = [
+            row("asyncstreams-source", f"asyncstreams of {source} (defaults)", "baseline",
+                _drain("asyncstreams", source=source), ref="asyncstreams"),
+            row("asyncstreams-source-batch", f"asyncstreams of {source}, batch handler",
+                "baseline", _drain("asyncstreams", shape="batch", source=source),
+                ref="asyncstreams-batch"),
+        ]  # fmt: skip
+    return [*before,
         row("asyncstreams", f"asyncstreams (defaults: concurrency={DEFAULT_CONCURRENCY}, "
             f"batch_size={DEFAULT_BATCH_SIZE})", "asyncstreams", _drain("asyncstreams")),
         row("asyncstreams-asyncio", "asyncstreams (asyncio loop)", "asyncstreams",

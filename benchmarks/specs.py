@@ -46,6 +46,9 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     until: Literal["count", "stdin"] = "count"
     timeout: float = 60.0  # from READY until done (a stall of 20 s ends it sooner)
     sample_rss: bool = False
+    # A folder whose asyncstreams package the child imports instead of this checkout's
+    # ("": this checkout's), for a before/after in one run (--baseline-source).
+    source: str = ""
 
 
 class Latency(msgspec.Struct, kw_only=True):

@@ -11,14 +11,16 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from .ledger import decode_bitmap, merge_bitmaps
-from .procs import Child, ChildError
+from .procs import ROOT, Child, ChildError
 from .specs import (
     SPEC_ENV,
     ConsumeResult,
@@ -53,7 +55,18 @@ class Run:
 
 def _spawn(kind: str, spec: msgspec.Struct, name: str) -> Child:
     env = {**os.environ, SPEC_ENV: msgspec.json.encode(spec).decode()}
-    return Child([sys.executable, "-m", "benchmarks.child", kind], name=name, env=env)
+    source = getattr(spec, "source", "")
+    if not source:
+        return Child([sys.executable, "-m", "benchmarks.child", kind], name=name, env=env)
+    # `python -m` puts its working directory first on sys.path: run it elsewhere, so that
+    # asyncstreams comes from `source` and benchmarks from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join([source, str(ROOT)])
+    return Child(
+        [sys.executable, "-m", "benchmarks.child", kind],
+        name=name,
+        env=env,
+        cwd=Path(tempfile.gettempdir()),
+    )
 
 
 def _consume_timeout(entries: int) -> float:
@@ -95,6 +108,7 @@ def drain(
     batch_size: int = 0,
     loop: Loop = "uvloop",
     sample_rss: bool = False,
+    source: str = "",
 ) -> Run:
     """One consumer drains the data set in a group of its own, starting at the first entry."""
     group = store.group(impl)
@@ -112,6 +126,7 @@ def drain(
         loop=loop,
         timeout=_consume_timeout(dataset.entries),
         sample_rss=sample_rss,
+        source=source,
     )
     try:
         with _spawn("consume", spec, f"consumer {impl}") as child:
