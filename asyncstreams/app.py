@@ -233,9 +233,11 @@ class App:
     ) -> str:
         """XADD `payload` to `stream` as a flat field map; returns the new entry's id.
 
-        Scalars are written as text and nested values as JSON, so any Redis client can read
-        the entry and a handler taking the same Struct type gets an equal value back.
-        `maxlen` trims the stream (approximately, unless `approximate=False`).
+        Scalars are written as text, bytes as they are and nested values as JSON, so any
+        Redis client can read the entry and a handler taking the same Struct type gets an
+        equal value back. `maxlen` trims the stream (approximately, unless
+        `approximate=False`). Outside a running app, close the pool when done:
+        `await app.aclose()`, or publish inside `async with app:`.
         """
         return (await self.publish_many(stream, [payload], maxlen=maxlen, approximate=approximate))[
             0
