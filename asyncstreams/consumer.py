@@ -39,8 +39,9 @@ log = logging.getLogger("asyncstreams.consumer")
 
 # How long the final ack flush at shutdown may take before the rest is left pending.
 FINAL_FLUSH_TIMEOUT = 5.0
-# How long handing entries back to the group at shutdown may take.
-GIVE_BACK_TIMEOUT = 5.0
+# How long handing entries back to the group at shutdown may take (it is a courtesy: what
+# is not given back is claimed after claim_idle_ms).
+GIVE_BACK_TIMEOUT = 2.0
 
 
 @dataclass(slots=True)
@@ -274,8 +275,9 @@ class Consumer:
         self.stats.never_started = len(self.ledger.queue)
         with anyio.move_on_after(FINAL_FLUSH_TIMEOUT):
             await self._flush()
-        with anyio.move_on_after(GIVE_BACK_TIMEOUT):
-            await self._give_back()
+        if not self.ledger.ack_count:  # else Redis does not answer: no use trying
+            with anyio.move_on_after(GIVE_BACK_TIMEOUT):
+                await self._give_back()
         await self._acker.close()
         self.failures.log.flush()
         unacked = self.ledger.ack_count

@@ -27,7 +27,7 @@ from ._logs import FailureLog
 from ._transport import Redis, explain
 from .deadletter import DeadLetter, Reason, dead_letter
 from .errors import DecodeError
-from .ledger import Ledger, Move
+from .ledger import Ledger
 from .message import Entry
 from .options import ConsumerOptions
 
@@ -230,7 +230,7 @@ class Failures:
         try:
             await self._move(letter, flat)
         except Exception as failure:
-            self._ledger.move_later(entry, Move(deliveries, reason, letter.error, letter.message))
+            self._ledger.move_later(entry, letter)
             self._move_failed(letter, failure)
             return
         self._ledger.dead_lettered(entry)
@@ -287,22 +287,12 @@ class Failures:
         ledger = self._ledger
         if asyncio.get_running_loop().time() < self._moves_due:
             return
-        for stream, entry_id, move in list(ledger.moves()):
+        for stream, entry_id, letter in list(ledger.moves()):
             flat = await _commands.fields_of(self._client, stream, entry_id)
             if flat is None:  # deleted meanwhile; Redis 6.2 still has it pending
                 await _commands.ack(self._client, stream, self._options.group, [entry_id])
                 ledger.moved(stream, entry_id)
                 continue
-            letter = dead_letter(
-                stream=stream,
-                entry_id=entry_id,
-                group=self._options.group,
-                consumer=self._consumer,
-                deliveries=move.deliveries,
-                reason=move.reason,
-                error=move.error,
-                message=move.message,
-            )
             try:
                 await self._move(letter, flat)
             except Exception as failure:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from operator import itemgetter
 from typing import NamedTuple
 
+from .deadletter import DeadLetter
 from .message import Entry
 
 # How long a finished entry may wait for others to share its XACK.
@@ -39,15 +40,6 @@ class Retry(NamedTuple):
 
     due: float
     deliveries: int
-
-
-class Move(NamedTuple):
-    """A held entry whose move to the dead-letter stream failed, and why it is moving."""
-
-    deliveries: int
-    reason: str
-    error: str
-    message: str
 
 
 class Ledger:
@@ -109,7 +101,7 @@ class Ledger:
         self.successes = 0
         self._retries: dict[str, dict[bytes, Retry]] = {stream: {} for stream in streams}
         self._parked: dict[str, dict[bytes, int]] = {stream: {} for stream in streams}
-        self._moving: dict[str, dict[bytes, Move]] = {stream: {} for stream in streams}
+        self._moving: dict[str, dict[bytes, DeadLetter]] = {stream: {} for stream in streams}
         # Set by the failure policy when handlers keep failing; the first success clears it.
         self.reads_paused = False
         self.closed = False
@@ -312,10 +304,11 @@ class Ledger:
         self._stopped_running(entry)
         self._parked[entry[0]][entry[1]] = entry[3]
 
-    def move_later(self, entry: Entry, move: Move) -> None:
-        """Its move to the dead-letter stream failed: held until it is tried again."""
+    def move_later(self, entry: Entry, letter: DeadLetter) -> None:
+        """Its move to the dead-letter stream (as `letter`) failed: held until it is tried
+        again."""
         self._stopped_running(entry)
-        self._moving[entry[0]][entry[1]] = move
+        self._moving[entry[0]][entry[1]] = letter
         self.wake_reader()
 
     def dead_lettered(self, entry: Entry) -> None:
@@ -351,10 +344,11 @@ class Ledger:
             self._in_memory(claimed)
             self.queue.extend(claimed)
 
-    def moves(self) -> Iterator[tuple[str, bytes, Move]]:
-        for stream, moves in self._moving.items():
-            for entry_id, move in moves.items():
-                yield stream, entry_id, move
+    def moves(self) -> Iterator[tuple[str, bytes, DeadLetter]]:
+        """Every entry waiting for its move: (stream, id, the dead letter it becomes)."""
+        for stream, moving in self._moving.items():
+            for entry_id, letter in moving.items():
+                yield stream, entry_id, letter
 
     def moved(self, stream: str, entry_id: bytes) -> None:
         """A held move went through (or the entry is gone): done with."""
