@@ -204,7 +204,11 @@ class Consumer:
                 if not count:
                     await ledger.wait_for_room()
                     continue
-                entries = await self._outage.ride(lambda: reader.read(count))  # noqa: B023
+                ledger.read_started(count)
+                try:
+                    entries = await self._outage.ride(lambda: reader.read(count))  # noqa: B023
+                finally:
+                    ledger.read_ended()
                 if entries:
                     ledger.delivered(entries)
                     self.workers.wake(len(entries))

@@ -55,6 +55,7 @@ class Ledger:
         "_moving",
         "_n_streams",
         "_parked",
+        "_reading",
         "_retries",
         "_room_waiters",
         "ack_count",
@@ -102,6 +103,8 @@ class Ledger:
         self._retries: dict[str, dict[bytes, Retry]] = {stream: {} for stream in streams}
         self._parked: dict[str, dict[bytes, int]] = {stream: {} for stream in streams}
         self._moving: dict[str, dict[bytes, DeadLetter]] = {stream: {} for stream in streams}
+        # What the XREADGROUP on its way may bring (room kept for it, not to be claimed).
+        self._reading = 0
         # Set by the failure policy when handlers keep failing; the first success clears it.
         self.reads_paused = False
         self.closed = False
@@ -110,8 +113,8 @@ class Ledger:
     # -- what is held ------------------------------------------------------------------
 
     def room(self) -> int:
-        """How many more entries may be delivered to this consumer."""
-        return self.limit - self.held
+        """How many more entries may be claimed: what is not held, nor kept for a read."""
+        return self.limit - self.held - self._reading
 
     def holds(self, stream: str, entry_id: bytes) -> bool:
         return entry_id in self._ids[stream]
@@ -142,7 +145,7 @@ class Ledger:
         if self.reads_paused or self.closed:
             return 0
         streams = self._n_streams
-        room = self.limit - self.held
+        room = self.limit - self.held - self._reading
         if room < streams or (room < self._batch_size and self.queue):
             return 0
         count = min(self._batch_size, room)
@@ -155,6 +158,14 @@ class Ledger:
                 return 0
             fits = streams  # one entry larger than the limit is still read, on its own
         return min(count, fits) // streams
+
+    def read_started(self, count: int) -> None:
+        """An XREADGROUP asking for `count` per stream is on its way: keep room for it."""
+        self._reading = count * self._n_streams
+
+    def read_ended(self) -> None:
+        """Its reply is in (and delivered first, with no await between), or it failed."""
+        self._reading = 0
 
     async def wait_for_room(self) -> None:
         """Wait until `read_count()` is above 0, or the ledger is closed."""
@@ -236,14 +247,14 @@ class Ledger:
         self.running -= 1
         self.memory -= entry[4]
         self.successes += 1
-        if self.reads_paused:
-            self.resume_reads()
         self.acks[entry[0]].append(entry[1])
         self.ack_count += 1
         if self.ack_count >= self._batch_size or self._room_waiters:
             self.ack_due.set()
         elif self.ack_count == 1:
             asyncio.get_running_loop().call_later(ACK_INTERVAL, self.ack_due.set)
+        if self.reads_paused:
+            self.resume_reads()
 
     def finished_many(self, entries: list[Entry]) -> None:
         """A batch handler returned: its entries wait for their XACK together."""
@@ -255,12 +266,12 @@ class Ledger:
         self.memory -= sum(map(_SIZE, entries))
         self.ack_count += len(entries)
         self.successes += 1
-        if self.reads_paused:
-            self.resume_reads()
         if self.ack_count >= self._batch_size or self._room_waiters:
             self.ack_due.set()
         elif first:  # as in finished: one timer per ack batch, not one per call
             asyncio.get_running_loop().call_later(ACK_INTERVAL, self.ack_due.set)
+        if self.reads_paused:
+            self.resume_reads()
 
     def take_acks(self) -> tuple[dict[str, list[bytes]], int]:
         """The finished entries, by stream, for one XACK each; in flight until answered."""

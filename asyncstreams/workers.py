@@ -165,19 +165,22 @@ class Workers:
             isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0
         )
 
-    async def _failed(
-        self, entries: Sequence[Entry], exc: BaseException, *, logged: bool = False
+    async def _settle(
+        self, failed: Sequence[tuple[Entry, BaseException]], *, logged: int = 0
     ) -> None:
-        """Running `entries` were not handled: the failure policy decides what becomes of
-        them. Cancelled meanwhile (in a move to the dead-letter stream), the rest stay held."""
-        for index, entry in enumerate(entries):
+        """Running entries that were not handled go through the failure policy, one by one
+        (the first `logged` were logged already, as a batch). Cancelled meanwhile (in a move
+        to the dead-letter stream), the rest stay held, as cancelled."""
+        for index, (entry, exc) in enumerate(failed):
             try:
-                await self._failures.failed(entry, exc, logged=logged)
+                await self._failures.failed(entry, exc, logged=index < logged)
             except BaseException:
-                self._ledger.cancelled(entries[index:])
+                self._ledger.cancelled([entry for entry, _ in failed[index:]])
                 raise
-        if isinstance(exc, EXITS):
-            self._exit_requested(exc)
+        for _, exc in failed:
+            if isinstance(exc, EXITS):
+                self._exit_requested(exc)
+                return
 
     async def _work(self) -> None:
         ledger = self._ledger
@@ -199,7 +202,7 @@ class Workers:
                     self.counts.cancelled += 1
                     ledger.cancelled([entry])
                     raise
-                await self._failed([entry], exc)
+                await self._settle([(entry, exc)])
                 continue
             ledger.finished(entry)
 
@@ -231,31 +234,30 @@ class Workers:
 
     async def _run_batch(self, batch: list[Entry]) -> None:
         """One call of a batch handler. Entries too large or that do not decode are split
-        out and dealt with one by one; the others go to the handler together."""
+        out and go to the dead-letter stream one by one, after the call; the others go to
+        the handler together."""
         invoke_batch = self._invoke_batch
         assert invoke_batch is not None
         max_payload = self._max_payload
-        if max_payload is not None:
-            fits = []
-            for entry in batch:
-                if entry[4] > max_payload:
-                    await self._failed([entry], TooLarge(entry, max_payload))
-                else:
-                    fits.append(entry)
-            batch = fits
-        passed, rejected, call = invoke_batch(batch)
-        for entry, decode_error in rejected:
-            await self._failed([entry], decode_error)
-        if call is None:
-            return
-        try:
-            await call
-        except BaseException as exc:
-            if self._ours(exc):
-                self.counts.cancelled += len(passed)
-                self._ledger.cancelled(passed)
-                raise
-            self._failures.batch_failed(passed, exc)
-            await self._failed(passed, exc, logged=True)
-            return
-        self._ledger.finished_many(passed)
+        unfit: list[tuple[Entry, BaseException]] = []
+        if max_payload is not None and any(entry[4] > max_payload for entry in batch):
+            unfit = [(e, TooLarge(e, max_payload)) for e in batch if e[4] > max_payload]
+            batch = [entry for entry in batch if entry[4] <= max_payload]
+        passed, rejected, call = invoke_batch(batch) if batch else (batch, [], None)
+        unfit += rejected
+        logged = 0
+        if call is not None:
+            try:
+                await call
+            except BaseException as exc:
+                if self._ours(exc):
+                    self.counts.cancelled += len(passed)
+                    self._ledger.cancelled([*passed, *(entry for entry, _ in unfit)])
+                    raise
+                self._failures.batch_failed(passed, exc)
+                unfit = [*((entry, exc) for entry in passed), *unfit]
+                logged = len(passed)
+            else:
+                self._ledger.finished_many(passed)
+        if unfit:
+            await self._settle(unfit, logged=logged)
