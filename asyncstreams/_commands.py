@@ -8,6 +8,7 @@ connections and what an error means are _transport.py's.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from ._transport import (
     raw_many,
     transaction,
 )
+from .deadletter import DeadLetter
 from .errors import ConfigurationError, RedisUnavailableError
 from .message import Entry, entry
 
@@ -230,6 +232,18 @@ async def pending(
     return [Pending(_bytes(entry_id), int(idle), int(count)) for entry_id, _, idle, count in reply]
 
 
+async def deliveries(
+    client: Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+) -> dict[bytes, int]:
+    """The delivery counters of `ids` still pending on `consumer` (XPENDING per id, one
+    pipeline): XAUTOCLAIM does not report them."""
+    packed = b"".join(pack(("XPENDING", stream, group, i, i, 1, consumer)) for i in ids)
+    replies = await raw_many(client, packed, len(ids))
+    return {
+        _bytes(row[0][0]): int(row[0][3]) for row in replies if row and _text(row[0][1]) == consumer
+    }
+
+
 async def claim(
     client: Redis,
     stream: str,
@@ -342,28 +356,71 @@ async def give_back(
     return given
 
 
-async def move(
-    client: Redis,
-    stream: str,
-    group: str,
-    consumer: str,
-    entry_id: bytes,
-    target: str,
-    fields: list[bytes | str],
-) -> None:
-    """XADD `fields` to `target` and XACK `entry_id`, in one MULTI: never both, never neither.
+# Moves an entry to the dead-letter stream, if it is still pending on this consumer: XADD
+# of the metadata fields and the entry's own fields (names starting with "!" get one more,
+# see deadletter.py), then XACK. One script: the check, the copy and the ack cannot be
+# split by another consumer's claim, a lost reply cannot add a second copy, and a failed
+# XADD leaves the entry pending. KEYS: the stream, the dead-letter stream; ARGV: group,
+# consumer, id, then the metadata fields. Returns 1 (moved), 0 (not pending on this
+# consumer any more: left to whoever has it) or -1 (deleted from the stream: acked).
+_MOVE = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #pending == 0 or pending[1][2] ~= ARGV[2] then
+  return 0
+end
+local found = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+if #found == 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+  return -1
+end
+local fields = {}
+for i = 4, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+local original = found[1][2]
+for i = 1, #original, 2 do
+  local name = original[i]
+  if string.sub(name, 1, 1) == '!' then
+    name = '!' .. name
+  end
+  fields[#fields + 1] = name
+  fields[#fields + 1] = original[i + 1]
+end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+# Lua's unpack() takes about 8,000 values: an entry with more fields than this is moved with
+# MULTI instead (whose fallback, when its XADD fails, is not one step with its XACK).
+_MOVE_MOST_FIELDS = 3_900
 
-    If the XADD fails as the transaction runs (the target holds another type, say), the
-    XACK has run all the same: the entry is put back in the PEL (XCLAIM ... FORCE) and the
-    error raised, so it stays pending.
-    """
-    added, acked = await transaction(
-        client, ("XADD", target, "*", *fields), ("XACK", stream, group, entry_id)
+
+class Moved(enum.IntEnum):
+    """What became of an entry sent to the dead-letter stream."""
+
+    MOVED = 1
+    NOT_OURS = 0  # no longer pending on this consumer: acked, or claimed by another
+    DELETED = -1  # deleted from the stream (trimmed) before it could be moved
+
+
+async def move(
+    client: Redis, letter: DeadLetter, target: str, consumer: str, fields: list[bytes]
+) -> Moved:
+    """Move the entry `letter` is about (whose fields are `fields`) to `target` as `letter`
+    says, and XACK it: in one script, only while it is pending on `consumer`. Raises what
+    Redis refused it with (OOM, WRONGTYPE); the entry then stays pending."""
+    stream, group, entry_id = letter.stream, letter.group, letter.id
+    if len(fields) // 2 <= _MOVE_MOST_FIELDS:
+        args = (stream, target, group, consumer, entry_id, *letter.metadata())
+        return Moved(int(await raw(client, "EVAL", _MOVE, 2, *args)))
+    added, _ = await transaction(
+        client, ("XADD", target, "*", *letter.fields(fields)), ("XACK", stream, group, entry_id)
     )
     if isinstance(added, ResponseError):
-        if acked:
-            await raw(client, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
+        # The XACK ran all the same: put the entry back in the pending entries list.
+        await raw(client, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
         raise added
+    return Moved.MOVED
 
 
 # -- consumers of a group ----------------------------------------------------------------

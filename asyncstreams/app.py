@@ -294,9 +294,10 @@ class App:
 
     @property
     def failure(self) -> BaseException | None:
-        """What stopped the app, if a consumer failed (one of its own tasks, not a handler:
-        those failures are the entries'); None while it runs well or after a clean stop.
-        A health check can report it."""
+        """What stopped the app: the exception a consumer failed with (one of its own
+        tasks; what a handler raises is its entry's failure, except KeyboardInterrupt and
+        SystemExit, which stop the app and land here too); None while it runs well or after
+        a clean stop. A health check can report it."""
         return self._failure
 
     async def serve(

@@ -285,6 +285,13 @@ class Consumer:
         await self._acker.close()
         self.failures.log.flush()
         unacked = self.ledger.ack_count
+        extra = [
+            f"{self.failures.parked} parked (no dead-letter stream)"
+            if self.failures.parked
+            else "",
+            f"{self.stats.given_back} given back to the group" if self.stats.given_back else "",
+            f"{unacked} acks not sent (entries stay pending)" if unacked else "",
+        ]
         log.info(
             "%s: stopped; %d acked, %d retried, %d dead-lettered, %d cancelled, %d never started%s",
             self.where,
@@ -293,7 +300,7 @@ class Consumer:
             self.failures.dead_lettered,
             self.workers.counts.cancelled,
             self.stats.never_started,
-            f", {unacked} acks not sent (entries stay pending)" if unacked else "",
+            "".join(f", {part}" for part in extra if part),
         )
 
     async def _give_back(self) -> None:

@@ -40,8 +40,8 @@ class DeadLetter:
     message: str
     time_ms: int
 
-    def fields(self, original: list[bytes]) -> list[bytes | str]:
-        """The dead-letter entry's flat field list: metadata first, then the original."""
+    def metadata(self) -> list[bytes | str]:
+        """The metadata fields, flat: `!dlq:stream`, its value, and so on."""
         meta: dict[bytes, str | int] = {
             b"stream": self.stream,
             b"id": self.id,
@@ -56,6 +56,12 @@ class DeadLetter:
         flat: list[bytes | str] = []
         for name, value in meta.items():
             flat += [PREFIX + name, str(value)]
+        return flat
+
+    def fields(self, original: list[bytes]) -> list[bytes | str]:
+        """The dead-letter entry's flat field list: metadata first, then the original (as
+        the move to the dead-letter stream writes it, in _commands.py)."""
+        flat = self.metadata()
         for index in range(0, len(original), 2):
             name = original[index]
             flat += [_ESCAPE + name if name.startswith(_ESCAPE) else name, original[index + 1]]

@@ -23,6 +23,7 @@ import random
 
 from . import _commands
 from ._backoff import Backoff
+from ._commands import Moved
 from ._logs import FailureLog
 from ._transport import Redis, explain
 from .deadletter import DeadLetter, Reason, dead_letter
@@ -164,10 +165,9 @@ class Failures:
         self._next_probe = loop.time() + self._probe_delay()
         log.warning(
             "%s: %d handler runs in a row failed; pausing: no new entries are read, and the "
-            "%d held for a retry run one at a time until one succeeds",
+            "entries held run again one at a time until one succeeds",
             self._where,
             self._streak,
-            sum(1 for _ in ledger.retries()) + 1,
         )
 
     def _retry_later(self, entry: Entry) -> float:
@@ -226,6 +226,13 @@ class Failures:
                 stream,
                 _what(letter),
             )
+            if self._ledger.states()["parked"] >= self._ledger.limit:
+                log.error(
+                    "%s: %d entries are parked, all this consumer may hold: it reads no more "
+                    "until they are acked or deleted (or give it a dead-letter stream)",
+                    self._where,
+                    self._ledger.limit,
+                )
             return
         try:
             await self._move(letter, flat)
@@ -235,19 +242,25 @@ class Failures:
             return
         self._ledger.dead_lettered(entry)
 
-    async def _move(self, letter: DeadLetter, flat: list[bytes]) -> None:
+    async def _move(self, letter: DeadLetter, flat: list[bytes]) -> bool:
+        """Move the entry to the dead-letter stream; False if it was not this consumer's to
+        move any more (acked, claimed by another, or deleted from the stream)."""
         target = self._options.dead_letter_stream(letter.stream)
         assert target is not None
-        await _commands.move(
-            self._client,
-            letter.stream,
-            self._options.group,
-            self._consumer,
-            letter.id.encode(),
-            target,
-            letter.fields(flat),
-        )
+        moved = await _commands.move(self._client, letter, target, self._consumer, flat)
         self._move_backoff.reset()
+        if moved is not Moved.MOVED:
+            log.warning(
+                "%s: entry %s of %s was not moved to %s: %s",
+                self._where,
+                letter.id,
+                letter.stream,
+                target,
+                "it was deleted from the stream meanwhile"
+                if moved is Moved.DELETED
+                else "it is no longer pending on this consumer (acked, or claimed by another)",
+            )
+            return False
         self.dead_lettered += 1
         self.log.log(
             logging.ERROR,
@@ -261,6 +274,7 @@ class Failures:
             letter.deliveries,
             _what(letter),
         )
+        return True
 
     def _move_failed(self, letter: DeadLetter, failure: Exception) -> None:
         now = asyncio.get_running_loop().time()
@@ -322,14 +336,24 @@ class Failures:
                 if retry.due <= now:
                     due.setdefault(stream, []).append((entry_id, retry.deliveries))
             return due
-        if self._probe is not None and not ledger.holds(*self._probe):
-            self._probe = None  # deleted meanwhile
+        if self._probe is not None and (
+            not ledger.holds(*self._probe) or ledger.waits_for_retry(*self._probe)
+        ):
+            # Deleted meanwhile, or never claimed back (the claim failed): not on its way.
+            self._probe = None
         if self._probe is not None or now < self._next_probe:
             return due
         # The next probe: the entry with the fewest deliveries, the earliest due first.
         candidates = sorted(ledger.retries(), key=lambda r: (r[2].deliveries, r[2].due))
-        if not candidates:
-            ledger.resume_reads()  # nothing left to try: read again (and pause again if need be)
+        if not candidates:  # read again (and pause again, if need be)
+            log.warning(
+                "%s: no entry held is left to retry (all dead-lettered, parked or gone); "
+                "reading again after a pause of %.1f s",
+                self._where,
+                now - (self._paused_at or now),
+            )
+            self._paused_at = None
+            ledger.resume_reads()
             return due
         stream, entry_id, retry = candidates[0]
         self._probe = (stream, entry_id)

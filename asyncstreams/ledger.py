@@ -323,7 +323,8 @@ class Ledger:
         self.wake_reader()
 
     def dead_lettered(self, entry: Entry) -> None:
-        """Moved to the dead-letter stream (acked in the same step): done with."""
+        """Moved to the dead-letter stream (acked in the same step), or found to be no
+        longer this consumer's to move: done with."""
         self._stopped_running(entry)
         self._release(entry[0], [entry[1]])
 
@@ -336,6 +337,9 @@ class Ledger:
             self._retries[entry[0]][entry[1]] = Retry(now, entry[3])
 
     # -- retrying, parked, moving -> ... ---------------------------------------------
+
+    def waits_for_retry(self, stream: str, entry_id: bytes) -> bool:
+        return entry_id in self._retries[stream]
 
     def retries(self) -> Iterator[tuple[str, bytes, Retry]]:
         """Every entry waiting for a retry: (stream, id, its retry)."""

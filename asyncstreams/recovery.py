@@ -36,7 +36,7 @@ from ._transport import Redis
 from .deadletter import Reason
 from .failures import Failures
 from .ledger import Ledger
-from .message import Entry
+from .message import Entry, entry
 from .options import ConsumerOptions
 
 log = logging.getLogger("asyncstreams.recovery")
@@ -73,6 +73,9 @@ class Recovery:
         self._queued = queued
         self.first_pass_done = asyncio.Event()
         self._claim_cursor = dict.fromkeys(options.names, b"0-0")
+        # Where the first pass over this consumer's own pending entries goes on, per stream
+        # (a stream is left out once done).
+        self._first_cursor: dict[str, bytes | str] = dict.fromkeys(options.names, "-")
         self._retry_interval = min(max(options.retry_delay / 4, 0.01), 0.5)
         self._claim_interval = max(options.claim_idle_ms / 2000, 0.05)
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
@@ -86,12 +89,16 @@ class Recovery:
         return self._ledger.closed
 
     async def run(self) -> None:
-        """Sweep, claim, renew and clean up on their own schedules until stopped."""
+        """Sweep, claim, renew and clean up on their own schedules until stopped.
+
+        The first pass over this consumer's own pending entries goes a page at a time, as
+        room allows, between the other steps (retries and renewals go on meanwhile); the
+        reader waits for it to be over.
+        """
         loop = asyncio.get_running_loop()
-        await self._step(lambda: self._sweep_own(first=True))
-        self.first_pass_done.set()
         now = loop.time()
         due = {
+            "first": now,
             "retry": now,
             "own": now + self._claim_interval,
             "claim": now,
@@ -100,11 +107,17 @@ class Recovery:
         }
         while not self._stopping:
             now = loop.time()
+            if not self.first_pass_done.is_set() and due["first"] <= now:
+                more = await self._step(self._first_pass)
+                due["first"] = loop.time() + (0.0 if more else CLAIM_STEP)
+                if not self._first_cursor:
+                    self.first_pass_done.set()
+                    del due["first"]
             if due["retry"] <= now:
                 await self._step(self._retry_due)
                 due["retry"] = loop.time() + self._retry_interval
             if due["own"] <= now:
-                await self._step(lambda: self._sweep_own(first=False))
+                await self._step(self._sweep_lost)
                 due["own"] = loop.time() + self._claim_interval
             if due["claim"] <= now:
                 more = await self._step(self._claim_others)
@@ -139,58 +152,85 @@ class Recovery:
             claimed = await _commands.claim(
                 self._client, stream, self._group, self._name, due, min_idle_ms=0
             )
-            got = {entry[1] for entry in claimed}
-            await self._drop_trimmed(stream, [i for i in ids if i not in got])
+            # Into the ledger before anything else is awaited: were the step run again, an
+            # entry claimed here must not be claimed (and its delivery counted) once more.
             self._ledger.rerun(stream, claimed, ids)
             self._queued(len(claimed))
+            got = {entry[1] for entry in claimed}
+            await self._drop_trimmed(stream, [i for i in ids if i not in got])
         await self._failures.move_held()
         return False
 
-    async def _sweep_own(self, *, first: bool) -> bool:
-        """Claim this consumer's pending entries that it does not hold: at start, what a
-        consumer of the same name left behind; later, entries delivered in a reply that never
-        arrived (idle for half of claim_idle_ms, and unknown here)."""
-        ledger = self._ledger
-        min_idle = 0 if first else self._options.claim_idle_ms // 2
-        for stream in self._options.names:
-            start: bytes | str = "-"
-            while not self._stopping and not ledger.reads_paused:
-                if first:
-                    await ledger.wait_for_room()
-                room = ledger.room()
-                if room < 1:
-                    break
-                page = await _commands.pending(
-                    self._client,
-                    stream,
-                    self._group,
-                    self._name,
-                    min_idle_ms=min_idle,
-                    start=start,
-                    count=PAGE,
-                )
-                if not page:
-                    break
-                parked = self._options.max_deliveries is not None and (
-                    self._options.dead_letter_stream(stream) is None
-                )
-                lost = [
-                    (p.id, p.deliveries)
-                    for p in page
-                    if not ledger.holds(stream, p.id)
-                    and not (parked and p.deliveries >= (self._options.max_deliveries or 0))
-                ][:room]
-                if lost:
-                    claimed = await _commands.claim(
-                        self._client, stream, self._group, self._name, lost, min_idle_ms=min_idle
+    async def _first_pass(self) -> bool:
+        """A page of this consumer's own pending entries that it does not hold (what a
+        consumer of the same name left behind), as many as there is room for; True if it
+        took some on."""
+        more = False
+        for stream, start in list(self._first_cursor.items()):
+            after = await self._sweep(stream, start, min_idle_ms=0)
+            if after is None:
+                del self._first_cursor[stream]
+            else:
+                more = more or after != start
+                self._first_cursor[stream] = after
+        return more
+
+    async def _sweep_lost(self) -> bool:
+        """Entries pending on this consumer that it does not know of (delivered in a reply
+        that never arrived, a connection cut mid-read), once idle for half of
+        claim_idle_ms."""
+        if self.first_pass_done.is_set():
+            for stream in self._options.names:
+                start: bytes | str | None = "-"
+                while start is not None and self._ledger.room() > 0:
+                    after = await self._sweep(
+                        stream, start, min_idle_ms=self._options.claim_idle_ms // 2
                     )
-                    got = {entry[1] for entry in claimed}
-                    await self._drop_trimmed(stream, [i for i, _ in lost if i not in got])
-                    await self._take_on(claimed)
-                if len(page) < PAGE:
-                    break
-                start = b"(" + page[-1].id
+                    start = None if after == start else after
         return False
+
+    async def _sweep(
+        self, stream: str, start: bytes | str, *, min_idle_ms: int
+    ) -> bytes | str | None:
+        """Claim what fits of one page of this consumer's pending entries idle at least
+        `min_idle_ms` and not held, from `start`; where the next page starts (None: no more).
+
+        Entries out of deliveries with no dead-letter stream are left alone (parked).
+        """
+        ledger = self._ledger
+        room = ledger.room()
+        if self._stopping or ledger.reads_paused or room < 1:
+            return start
+        page = await _commands.pending(
+            self._client,
+            stream,
+            self._group,
+            self._name,
+            min_idle_ms=min_idle_ms,
+            start=start,
+            count=PAGE,
+        )
+        limit = self._options.max_deliveries
+        parked = limit is not None and self._options.dead_letter_stream(stream) is None
+        lost = [
+            p
+            for p in page
+            if not ledger.holds(stream, p.id) and not (parked and p.deliveries >= (limit or 0))
+        ]
+        taken = lost[:room]
+        if taken:
+            due = [(p.id, p.deliveries) for p in taken]
+            claimed = await _commands.claim(
+                self._client, stream, self._group, self._name, due, min_idle_ms=min_idle_ms
+            )
+            await self._take_on(claimed)
+            got = {entry[1] for entry in claimed}
+            await self._drop_trimmed(stream, [p.id for p in taken if p.id not in got])
+        if len(taken) < len(lost):
+            return b"(" + taken[-1].id  # the rest of this page when there is room again
+        if len(page) < PAGE:
+            return None
+        return b"(" + page[-1].id
 
     async def _drop_trimmed(self, stream: str, ids: list[bytes]) -> None:
         """Pending entries deleted from the stream (MAXLEN, XTRIM, XDEL): count, log, XACK."""
@@ -217,20 +257,26 @@ class Recovery:
         once one that is held already)."""
         ledger = self._ledger
         limit = self._options.max_deliveries
-        fresh = [entry for entry in claimed if not ledger.holds(entry[0], entry[1])]
-        spent = [entry for entry in fresh if limit is not None and entry[3] > limit]
-        runnable = [entry for entry in fresh if limit is None or entry[3] <= limit]
+        fresh = [item for item in claimed if not ledger.holds(item[0], item[1])]
+        spent = [item for item in fresh if limit is not None and item[3] > limit]
+        runnable = [item for item in fresh if limit is None or item[3] <= limit]
         ledger.delivered(runnable)
         self._queued(len(runnable))
-        for entry in spent:
-            ledger.hold_running(entry)
-            await self._failures.reject(
-                entry,
-                Reason.FAILED,
-                None,
-                f"delivered {entry[3]} times (max_deliveries={limit}) without being acked: "
-                "its consumer kept failing, crashing or being stopped",
-            )
+        for item in spent:
+            ledger.hold_running(item)
+            try:
+                await self._failures.reject(
+                    item,
+                    Reason.FAILED,
+                    None,
+                    f"delivered {item[3]} times (max_deliveries={limit}) without being "
+                    "acked: its consumer kept failing, crashing or being stopped",
+                )
+            except BaseException:
+                # Stopped during the move: this one stays held, as cancelled; the others
+                # were never taken on, and stay pending.
+                ledger.cancelled([item])
+                raise
 
     # -- other consumers' idle entries ---------------------------------------------------
 
@@ -262,29 +308,24 @@ class Recovery:
                     stream,
                     self._options.claim_idle_ms,
                 )
-                counts = await self._deliveries(stream, [entry_id for entry_id, _ in claimed])
+                counts = await _commands.deliveries(
+                    self._client,
+                    stream,
+                    self._group,
+                    self._name,
+                    [entry_id for entry_id, _ in claimed],
+                )
+                # One not pending here any more (acked, or claimed by another meanwhile) is
+                # not ours to run.
                 await self._take_on(
                     [
-                        (stream, entry_id, flat, counts.get(entry_id, 1), sum(map(len, flat)))
+                        entry(stream, entry_id, flat, counts[entry_id])
                         for entry_id, flat in claimed
+                        if entry_id in counts
                     ]
                 )
             more = more or bool(claimed) or cursor != b"0-0"
         return more
-
-    async def _deliveries(self, stream: str, ids: list[bytes]) -> dict[bytes, int]:
-        """Delivery counters of entries just claimed (XAUTOCLAIM does not report them)."""
-        page = await _commands.pending(
-            self._client,
-            stream,
-            self._group,
-            self._name,
-            min_idle_ms=0,
-            start=min(ids, key=_id_key),
-            end=max(ids, key=_id_key),
-            count=len(ids) + PAGE,
-        )
-        return {p.id: p.deliveries for p in page}
 
     # -- renewal and cleanup -------------------------------------------------------------
 
@@ -321,8 +362,3 @@ class Recovery:
                         other.idle_ms / 1000,
                     )
         return False
-
-
-def _id_key(entry_id: bytes) -> tuple[int, int]:
-    millis, _, sequence = entry_id.partition(b"-")
-    return int(millis), int(sequence or 0)

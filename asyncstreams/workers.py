@@ -92,7 +92,10 @@ class Workers:
             for task in done:
                 task.result()  # raises what the worker died of
         finally:
-            stuck = await cancel_and_wait(tasks, STOP_TIMEOUT)
+            # Shielded: this task is being cancelled, and its handlers must be waited for
+            # (their cleanup, their entries' state) before the consumer's shutdown goes on.
+            with anyio.CancelScope(shield=True):
+                stuck = await cancel_and_wait(tasks, STOP_TIMEOUT)
             if stuck:
                 log.error(
                     "%s: %d handlers did not stop within %.0f s of being cancelled (a handler "
@@ -158,6 +161,14 @@ class Workers:
 
     # -- running handlers --------------------------------------------------------------
 
+    @staticmethod
+    def _raise_if_stopping() -> None:
+        """A handler that swallowed the stop's cancellation (and raised something else)
+        must not take the worker on to the next entry."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+
     def _ours(self, exc: BaseException) -> bool:
         """Whether `exc` is the consumer's own cancellation of this worker."""
         task = asyncio.current_task()
@@ -203,6 +214,7 @@ class Workers:
                     ledger.cancelled([entry])
                     raise
                 await self._settle([(entry, exc)])
+                self._raise_if_stopping()
                 continue
             ledger.finished(entry)
 
@@ -261,3 +273,4 @@ class Workers:
                 self._ledger.finished_many(passed)
         if unfit:
             await self._settle(unfit, logged=logged)
+            self._raise_if_stopping()

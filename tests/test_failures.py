@@ -15,6 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from asyncstreams import App, Message
+from asyncstreams._transport import create_client
+from asyncstreams.failures import Failures
+from asyncstreams.ledger import Ledger
+from asyncstreams.message import entry
+from asyncstreams.options import ConsumerOptions
 
 from .conftest import Names
 from .helpers import eventually, fill, pending_count, wait_drained
@@ -320,3 +325,25 @@ async def test_an_entry_nested_too_deeply_is_dead_lettered_at_once(
         (deep, "undecodable", "1")
     ]
     assert "nested too deeply" in dead[0][1]["!dlq:message"]
+
+
+async def test_a_probe_whose_claim_did_not_go_through_is_sent_again(redis_url: str) -> None:
+    """Paused, the policy picks a probe; were its XCLAIM lost (a connection dropped), the
+    entry is still waiting for its retry: the next look must pick a probe again, not wait
+    for one that never left (the consumer would stay paused for good)."""
+    options = ConsumerOptions(
+        "s", group="g", retry_delay=0.001, retry_max_delay=0.001, pause_after_failures=1
+    )
+    ledger = Ledger(options.names, limit=options.limit, batch_size=2, max_memory_bytes=1 << 20)
+    client = create_client(redis_url, max_connections=1)
+    try:
+        failures = Failures(client, options, "c", "test", ledger)
+        ledger.delivered([entry("s", b"1-1", [b"n", b"1"], 1)])
+        await failures.failed(ledger.start(), DatabaseDown("down"))
+        assert ledger.reads_paused
+        await anyio.sleep(0.01)
+        assert failures.due() == {"s": [(b"1-1", 1)]}  # the probe; its claim is lost
+        await anyio.sleep(0.01)
+        assert failures.due() == {"s": [(b"1-1", 1)]}  # picked again
+    finally:
+        await client.aclose()

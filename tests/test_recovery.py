@@ -88,3 +88,100 @@ async def test_entries_never_started_are_given_back_with_their_delivery_uncounte
 
 async def _pending_is(client: aioredis.Redis, names: Names, count: int) -> bool:
     return len(await pending_entries(client, names.stream, names.group)) == count
+
+
+async def test_the_first_pass_goes_through_more_own_entries_than_there_is_room_for(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """300 entries pending on a consumer of this name (a restart), room for 4, and a handler
+    that fails at first: the first pass takes them a few at a time while retries and
+    renewals go on, every one is handled, and new entries are read only after them."""
+    old = await fill(client, names.stream, 300)
+    delivered = await deliver(client, names.stream, names.group, "fixed", count=300)
+    assert delivered == old
+    app = App(redis_url)
+    handled: list[str] = []
+    runs = 0
+
+    @app.consumer(
+        names.stream, group=names.group, consumer="fixed", concurrency=2, batch_size=2,
+        retry_delay=0.01, retry_max_delay=0.05, pause_after_failures=3,
+    )  # fmt: skip
+    async def handle(msg: Message) -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 12:
+            raise RuntimeError("the database is not up yet")
+        handled.append(msg.id)
+
+    async with app:
+        new = await fill(client, names.stream, 5)
+        await wait_drained(client, names.stream, names.group, timeout=60)
+    assert sorted(handled) == sorted(old + new)
+    assert set(handled[-5:]) == set(new), "own pending entries first, then new ones"
+
+
+async def test_entries_claimed_from_a_dead_consumer_keep_their_delivery_count(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """Two entries a dead consumer was delivered 6 times each (max_deliveries=5), with 400
+    parked entries of this consumer pending between them (delivered 5 times, no dead-letter
+    stream): claimed, the two are parked too, never run (the lookup of their delivery
+    counts must not stop at a page of this consumer's own pending entries)."""
+    first = await client.xadd(names.stream, {"dead": "first"})
+    await deliver(client, names.stream, names.group, "dead", count=1)
+    mine = await fill(client, names.stream, 400)
+    await deliver(client, names.stream, names.group, "busy", count=400)
+    last = await client.xadd(names.stream, {"dead": "last"})
+    await deliver(client, names.stream, names.group, "dead", count=1)
+    for _ in range(5):  # idle for 5 s as far as Redis knows: claimable at once
+        await client.xclaim(names.stream, names.group, "dead", 0, [first, last], idle=5000)
+    for _ in range(4):  # idle for no time: not claimed with them
+        await client.xclaim(names.stream, names.group, "busy", 0, mine)
+    app = App(redis_url)
+    ran: list[str] = []
+
+    @app.consumer(
+        names.stream, group=names.group, consumer="busy", claim_idle_ms=2000,
+        max_deliveries=5, dead_letter=None,
+    )  # fmt: skip
+    async def handle(msg: Message) -> None:
+        ran.append(msg.id)
+
+    async def both_claimed() -> bool:
+        rows = await client.xpending_range(names.stream, names.group, "-", "+", 1000, "busy")
+        return {row["message_id"] for row in rows} >= {first, last}
+
+    async with app:
+        await eventually(both_claimed, what="the dead consumer's entries claimed")
+    assert ran == []
+    rows = await pending_entries(client, names.stream, names.group)
+    assert (rows[first], rows[last]) == (("busy", 7), ("busy", 7))
+
+
+async def test_a_stop_waits_for_a_cancelled_handler_to_clean_up(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """A handler cancelled at stop that awaits its cleanup (a rollback) is waited for: the
+    cleanup is done when the app has stopped, and its entry is given back."""
+    app = App(redis_url, grace_period=0)
+    started = anyio.Event()
+    events: list[str] = []
+
+    @app.consumer(names.stream, group=names.group, consumer="me", claim_idle_ms=60_000)
+    async def handle(msg: Message) -> None:
+        started.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.05)  # the rollback
+            events.append("cleaned up")
+
+    [entry_id] = await fill(client, names.stream, 1)
+    async with app:
+        await started.wait()
+    assert events == ["cleaned up"]
+    [row] = await client.xpending_range(names.stream, names.group, "-", "+", 10)
+    assert (row["message_id"], row["consumer"], row["times_delivered"]) == (entry_id, "me", 1)
+    assert row["time_since_delivered"] >= 60_000, "given back: claimable by another at once"
