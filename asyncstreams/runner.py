@@ -340,7 +340,10 @@ class _Supervisor:
                 if code is None:
                     continue
                 if self.stopping:
-                    self.codes.append(code)
+                    # A worker still starting has no signal handlers yet: the stop signal
+                    # passed on to it ends it outright, which is a clean stop all the same.
+                    stopped_early = not worker.ready and -code in STOP_SIGNALS
+                    self.codes.append(0 if stopped_early else code)
                     running.discard(worker)
                 else:
                     self._on_exit(worker, code)
