@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,3 +174,49 @@ async def pending_entries(
     """The group's pending entries: id -> (consumer, delivery counter), from XPENDING."""
     rows = await client.xpending_range(stream, group, "-", "+", 1000)
     return {row["message_id"]: (row["consumer"], row["times_delivered"]) for row in rows}
+
+
+def command_calls(info: Mapping[str, Any], command: str) -> int:
+    """How many times the server has run `command` ("xautoclaim", "client|unblock"), from its
+    `INFO all` (INFO commandstats and the server's version in one reply).
+
+    Redis 6 counts a subcommand under its command: there "client|unblock" is every CLIENT
+    call (CLIENT ID, SETNAME and SETINFO of new connections too), so a count of at least
+    one proves less than on Redis 7.
+    """
+    if "|" in command and int(str(info["redis_version"]).split(".")[0]) < 7:
+        command = command.partition("|")[0]
+    return int(info.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def calls(client: aioredis.Redis, command: str) -> int:
+    """`command_calls` of the server `client` talks to (the suite runs one test at a time)."""
+    return command_calls(await client.info("all"), command)
+
+
+def blocked_reads(clients: Iterable[Mapping[str, Any]], name: str | None = None) -> set[str]:
+    """Ids of the connections in a CLIENT LIST reply that are blocked in XREADGROUP now
+    (`cmd=xreadgroup`, flag `b`); only those named `name` when it is given."""
+    return {
+        str(c["id"])
+        for c in clients
+        if c.get("cmd") == "xreadgroup"
+        and "b" in str(c.get("flags", ""))
+        and (name is None or c.get("name") == name)
+    }
+
+
+async def wait_blocked_reads(
+    client: aioredis.Redis, count: int, *, name: str | None = None, timeout: float = 10.0
+) -> set[str]:
+    """Wait until at least `count` connections (named `name`, if given) are blocked in
+    XREADGROUP, instead of sleeping until they probably are; returns their ids."""
+    found: set[str] = set()
+
+    async def enough() -> bool:
+        nonlocal found
+        found = blocked_reads(await client.client_list(), name)
+        return len(found) >= count
+
+    await eventually(enough, timeout=timeout, what=f"{count} reads blocked in XREADGROUP")
+    return found

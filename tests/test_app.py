@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
@@ -48,6 +49,14 @@ async def acl_user(client: aioredis.Redis) -> AsyncIterator[tuple[str, str]]:
         yield name, password
     finally:
         await client.acl_deluser(name)
+
+
+async def _connected_to(port: int) -> bool:
+    """Whether this process has a TCP connection to `port` (to a server that answers
+    nothing, Redis state cannot say)."""
+    return any(
+        c.raddr and c.raddr.port == port for c in psutil.Process().net_connections(kind="tcp")
+    )
 
 
 def _asyncstreams_tasks() -> list[asyncio.Task[Any]]:
@@ -112,7 +121,8 @@ async def test_a_host_cancelled_while_the_app_starts_leaves_nothing_running(
             entered = True
 
     task = asyncio.get_running_loop().create_task(host())
-    await anyio.sleep(0.3)  # the start waits for a PING that the paused server never answers
+    # The start waits for a PING that the paused server never answers.
+    await eventually(lambda: _connected_to(paused_server.port), what="a connection to Redis")
     task.cancel()
     with anyio.fail_after(5):
         await asyncio.wait([task])
@@ -134,9 +144,9 @@ async def test_a_stop_ends_a_start_that_waits_for_redis(paused_server: EmbeddedR
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(app.serve)
-        await anyio.sleep(0.3)
+        await eventually(lambda: _connected_to(paused_server.port), what="a connection")
         app.stop()
-        with anyio.fail_after(3):
+        with anyio.fail_after(10):  # a hang guard: on its own the start would take 15 s
             while app.running:
                 await anyio.sleep(0.01)
 

@@ -605,10 +605,12 @@ def test_handler_past_grace_period_is_cancelled_and_stays_pending(
     )
 
     sent = time.monotonic()
-    assert stop(cli) == 0, cli.output()
+    # The time limit only catches a hang (the handlers sleep 60 s): that the stop did not
+    # wait for them shows in the summary line, 4 cancelled.
+    assert stop(cli, timeout=30) == 0, cli.output()
     elapsed = time.monotonic() - sent
     output = cli.output()
-    assert 1.0 <= elapsed < 5.0, f"stopped {elapsed:.2f} s after SIGTERM with a 1 s grace period"
+    assert elapsed >= 1.0, f"stopped {elapsed:.2f} s after SIGTERM with a 1 s grace period"
     runs = read_ledger(ledger)
     assert len(runs) == 4
     assert all(run.end is None for run in runs)
@@ -640,15 +642,15 @@ def test_second_signal_stops_at_once(
     cli.signal(signal.SIGTERM)
     cli.wait_for_output("SIGTERM received: stopping")
     assert cli.process.poll() is None, "the first signal must wait for the handlers"
-    sent = time.monotonic()
     cli.signal(signal.SIGTERM)
-    code = exit_code(cli, timeout=15)
-    elapsed = time.monotonic() - sent
+    # The time limit only catches a hang: the grace period and the handlers are 60 s. That
+    # the handlers were cut short shows in the summary line.
+    code = exit_code(cli, timeout=30)
 
     output = cli.output()
     assert code == 1, output
-    assert elapsed < 3.0, f"stopped {elapsed:.2f} s after the second SIGTERM"
     assert "SIGTERM received again: stopping now" in output
+    assert ": stopped; 0 acked, 0 retried, 0 dead-lettered, 4 cancelled, 0 never started" in output
     assert all(run.end is None for run in read_ledger(ledger))
     assert pending(redis_client, names.stream, names.group) == 4
 
@@ -754,14 +756,19 @@ def test_workers_second_signal_stops_at_once(
         what="both workers stopping",
         cli=cli,
     )
-    sent = time.monotonic()
     cli.signal(signal.SIGTERM)
-    code = exit_code(cli, timeout=15)
-    elapsed = time.monotonic() - sent
+    # The time limit only catches a hang: the grace period and the handlers are 60 s. That
+    # the handlers were cut short shows in the workers' summary lines.
+    code = exit_code(cli, timeout=30)
 
-    assert code == 1, cli.output()
-    assert elapsed < 3.0, f"stopped {elapsed:.2f} s after the second SIGTERM"
-    assert "SIGTERM received again: stopping now" in cli.output()
+    output = cli.output()
+    assert code == 1, output
+    assert "SIGTERM received again: stopping now" in output
+    summaries = re.findall(
+        r": stopped; 0 acked, 0 retried, 0 dead-lettered, (\d+) cancelled", output
+    )
+    assert len(summaries) == 2, output
+    assert sum(map(int, summaries)) == len(read_ledger(ledger)), output
     assert all(run.end is None for run in read_ledger(ledger))
     wait_until(lambda: all(is_gone(pid) for pid in pids), what="the workers gone", timeout=5)
 
@@ -804,7 +811,6 @@ def test_worker_that_keeps_failing_stops_the_supervisor_with_the_reason(
     """Workers that become ready and then fail, again at every start: one exits with code 2,
     in the other app fails while running (exit 1). Each supervisor restarts them with a
     growing pause, then gives up with one line saying why, and exits 1."""
-    started = time.monotonic()
     clis = {
         how: start_cli(
             "run",
@@ -817,9 +823,10 @@ def test_worker_that_keeps_failing_stops_the_supervisor_with_the_reason(
         )
         for how in ("exit:2", "raise")
     }
-    # Five exits, four pauses of at most 0.5 + 1 + 2 + 4 s, and five starts of a worker.
-    codes = {how: exit_code(cli, timeout=60) for how, cli in clis.items()}
-    elapsed = time.monotonic() - started
+    # Five exits, four pauses of at most 0.5 + 1 + 2 + 4 s, and five starts of a worker: about
+    # 15 s. The time limit only catches a supervisor that never gives up; how long the pauses
+    # were is checked below, from what the supervisor logged.
+    codes = {how: exit_code(cli, timeout=90) for how, cli in clis.items()}
 
     for how, cli in clis.items():
         output = cli.output()
@@ -843,7 +850,6 @@ def test_worker_that_keeps_failing_stops_the_supervisor_with_the_reason(
         assert "Traceback" not in output
         pids = {int(pid) for pid in re.findall(r"worker \d \(pid (\d+)\)", output)}
         assert all(is_gone(pid) for pid in pids), output
-    assert elapsed < 40
 
 
 def test_sighup_restarts_the_workers_one_at_a_time(
@@ -945,7 +951,8 @@ def test_stop_signal_while_the_start_waits_for_redis_is_acted_on_at_once(
         wait_until(
             lambda: _connected_to(cli.pid, server.port), what="a connection to Redis", cli=cli
         )
-        assert stop(cli, timeout=5) == 0, cli.output()
+        # The time limit only tells "at once" from the 15 s the start would wait otherwise.
+        assert stop(cli, timeout=10) == 0, cli.output()
         assert "SIGTERM received: stopping" in cli.output()
         server.resume()
 

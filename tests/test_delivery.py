@@ -17,11 +17,13 @@ import redis.asyncio as aioredis
 
 from asyncstreams import App, ConfigurationError, Message
 from asyncstreams.deadletter import split
+from asyncstreams.recovery import CLAIM_STEP
 
 from .conftest import Names
 from .helpers import (
+    calls,
+    command_calls,
     deliver,
-    drained,
     eventually,
     fill,
     pending_count,
@@ -68,6 +70,10 @@ async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
         await redis.aclose()
 
 
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def _equals(value: object, expected: object) -> bool:
     """For `eventually`: `value` (awaited if it is awaitable) equals `expected`."""
     if isinstance(value, Awaitable):
@@ -88,11 +94,33 @@ def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+def _summary(caplog: pytest.LogCaptureFixture) -> str:
+    """What the consumer's shutdown line counts: "N acked, N retried, ... N never started".
+
+    Read after the app has stopped, it accounts for every entry the consumer held: one that
+    was to run again would have run in the drain, or be counted (retried, cancelled, never
+    started, given back to the group). So "no further run" is proven by the stop, not by a
+    sleep.
+    """
+    [line] = _messages(caplog, ": stopped; ")
+    return line.partition(": stopped; ")[2]
+
+
+async def _wait_calls(client: aioredis.Redis, command: str, more: int, what: str) -> None:
+    """Wait until the server has run `command` `more` times more than by now."""
+    target = await calls(client, command) + more
+    await eventually(lambda: _at_least(calls(client, command), target), what=what)
+
+
+async def _at_least(value: Awaitable[int], least: int) -> bool:
+    return await value >= least
+
+
 # -- retries ---------------------------------------------------------------------------------
 
 
 async def test_a_failing_entry_runs_again_after_a_backoff_until_it_succeeds(
-    redis_url: str, names: Names, client: aioredis.Redis
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     retry_delay = 0.1
     app = App(redis_url)
@@ -104,11 +132,13 @@ async def test_a_failing_entry_runs_again_after_a_backoff_until_it_succeeds(
         if len(runs) < 3:
             raise Boom(f"failing run {len(runs)}")
 
-    async with app:
-        entry_id = await app.publish(names.stream, {"n": 1})
-        await wait_drained(client, names.stream, names.group, timeout=5)
-        await anyio.sleep(4 * retry_delay)  # long enough for a 4th run, if there were one
+    with caplog.at_level(logging.INFO, logger="asyncstreams"):
+        async with app:
+            entry_id = await app.publish(names.stream, {"n": 1})
+            await wait_drained(client, names.stream, names.group, timeout=5)
+    # No 4th run: none before the stop, and none waiting for its turn at it (see _summary).
     assert [(i, d) for i, d, _ in runs] == [(entry_id, 1), (entry_id, 2), (entry_id, 3)]
+    assert _summary(caplog) == "1 acked, 2 retried, 0 dead-lettered, 0 cancelled, 0 never started"
     # The n-th retry waits retry_delay * 2**(n-1), jittered to [0.5, 1] of it.
     first, second = (b - a for (_, _, a), (_, _, b) in pairwise(runs))
     assert first >= 0.5 * retry_delay - SLACK
@@ -176,7 +206,11 @@ async def test_a_retry_waits_its_backoff_even_when_it_is_longer_than_claim_idle_
 
 @pytest.mark.parametrize("custom", [False, True], ids=["default-name", "custom-name"])
 async def test_an_entry_failing_max_deliveries_times_moves_to_the_dead_letter_stream(
-    redis_url: str, names: Names, client: aioredis.Redis, custom: bool
+    redis_url: str,
+    names: Names,
+    client: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    custom: bool,
 ) -> None:
     app = App(redis_url)
     runs: list[int] = []
@@ -196,12 +230,14 @@ async def test_an_entry_failing_max_deliveries_times_moves_to_the_dead_letter_st
         raise Boom(f"cannot handle order {fields['order']}")
 
     before = time.time()
-    async with app:
-        entry_id = await app.publish(names.stream, {"order": "o-1", "qty": 2})
-        await eventually(lambda: _equals(client.xlen(dlq), 1), timeout=5, what="a dead letter")
-        await anyio.sleep(0.3)  # several retry delays: no run after the last one
+    with caplog.at_level(logging.INFO, logger="asyncstreams"):
+        async with app:
+            entry_id = await app.publish(names.stream, {"order": "o-1", "qty": 2})
+            await eventually(lambda: _equals(client.xlen(dlq), 1), timeout=5, what="a dead letter")
     after = time.time()
+    # No run after the last one: none before the stop, none waiting for it (see _summary).
     assert runs == [1, 2, 3]
+    assert _summary(caplog) == "0 acked, 2 retried, 1 dead-lettered, 0 cancelled, 0 never started"
     assert await pending_entries(client, names.stream, names.group) == {}
     assert await client.xlen(names.stream) == 1  # acked, not deleted
     [letter] = await _dead_letters(client, dlq)
@@ -335,6 +371,13 @@ async def test_an_entry_larger_than_max_payload_bytes_is_dead_lettered(
     assert letter["blob"] == "x" * 1000
 
 
+# What a consumer with one entry parked after its 2nd run (1 retry) says as it stops.
+PARKED_SUMMARY = (
+    "0 acked, 1 retried, 0 dead-lettered, 0 cancelled, 0 never started, "
+    "1 parked (no dead-letter stream)"
+)
+
+
 async def test_without_a_dead_letter_stream_an_entry_out_of_deliveries_stays_pending(
     redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -353,17 +396,23 @@ async def test_without_a_dead_letter_stream_an_entry_out_of_deliveries_stays_pen
         runs.append(msg.deliveries)
         raise Boom("always")
 
-    with caplog.at_level(logging.WARNING, logger="asyncstreams"):
+    with caplog.at_level(logging.INFO, logger="asyncstreams"):
         async with app:
             entry_id = await app.publish(names.stream, {"n": 1})
             await eventually(lambda: _equals(runs, [1, 2]), timeout=5, what="2 runs")
-            # A 3rd run would come 0.05 to 0.2 s after the 2nd: wait for several of those.
-            await anyio.sleep(0.6)
-            assert runs == [1, 2]
+            # The consumer's decision, logged once it is made: parked, not retried.
+            await eventually(
+                lambda: _true(bool(_messages(caplog, "left pending, not run again"))),
+                timeout=5,
+                what="the entry parked",
+            )
             assert await pending_entries(client, names.stream, names.group) == {
                 entry_id: ("worker-1", 2)
             }
+    # No 3rd run before the stop, and none waiting for one at it: a retry scheduled would be
+    # counted as retried, and one held at the stop given back to the group.
     assert runs == [1, 2]
+    assert _summary(caplog) == PARKED_SUMMARY
     assert await client.exists(f"{names.stream}:dead-letter") == 0
     [parked] = _messages(caplog, "left pending, not run again")
     assert entry_id in parked
@@ -390,16 +439,27 @@ async def test_an_entry_left_pending_without_a_dead_letter_stream_is_not_claimed
         runs.append(msg.deliveries)
         raise Boom("always")
 
-    with caplog.at_level(logging.WARNING, logger="asyncstreams"):
+    with caplog.at_level(logging.INFO, logger="asyncstreams"):
         async with app:
             entry_id = await app.publish(names.stream, {"n": 1})
             await eventually(lambda: _equals(runs, [1, 2]), timeout=5, what="2 runs")
-            await anyio.sleep(1.0)  # more than 3 x claim_idle_ms
+            second_run = time.monotonic()  # after its last delivery
+            await eventually(
+                lambda: _true(bool(_messages(caplog, "left pending, not run again"))),
+                timeout=5,
+                what="the entry parked",
+            )
+            # From claim_idle_ms after its last delivery on, the entry would be idle long
+            # enough for every XAUTOCLAIM scan to claim it, were it not renewed: wait until
+            # then (a lower bound, not a guess), then for 4 such scans.
+            await anyio.sleep(max(0.0, second_run + 0.3 - time.monotonic()))
+            await _wait_calls(client, "xautoclaim", 4, "4 claim scans after claim_idle_ms")
             assert await pending_entries(client, names.stream, names.group) == {
                 entry_id: ("worker-1", 2)
             }
     assert runs == [1, 2]
     assert len(_messages(caplog, "left pending, not run again")) == 1
+    assert _summary(caplog) == PARKED_SUMMARY
 
 
 async def test_dead_letter_fields_never_collide_and_replay_restores_the_entry(
@@ -477,7 +537,7 @@ async def test_the_consumers_own_pending_entries_come_first(
 
 
 async def test_entries_of_a_crashed_consumer_are_claimed_once(
-    redis_url: str, names: Names, client: aioredis.Redis
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = await fill(client, names.stream, 3)
     assert await deliver(client, names.stream, names.group, "ghost") == ids
@@ -489,38 +549,59 @@ async def test_entries_of_a_crashed_consumer_are_claimed_once(
     async def handle(msg: Message) -> None:
         seen.append((msg.id, msg.deliveries, msg.consumer, time.monotonic()))
 
-    async with app:
-        await wait_drained(client, names.stream, names.group, timeout=5)
-        await anyio.sleep(0.3)  # a second claim, if there were one, would run by now
+    with caplog.at_level(logging.INFO, logger="asyncstreams"):
+        async with app:
+            await wait_drained(client, names.stream, names.group, timeout=5)
+            # The claim scan goes on and finds nothing more; then the stop accounts for
+            # anything claimed twice (run in the drain, or counted in the summary).
+            await _wait_calls(client, "xautoclaim", 2, "2 more claim scans")
     assert sorted(s[:3] for s in seen) == [(i, 2, "worker-1") for i in ids]
+    assert _summary(caplog) == "3 acked, 0 retried, 0 dead-lettered, 0 cancelled, 0 never started"
     assert all(s[3] - delivered_at >= 0.3 - SLACK for s in seen)
 
 
 async def test_a_slow_handler_keeps_its_entry_from_being_claimed(
     redis_url: str, names: Names, client: aioredis.Redis
 ) -> None:
+    """The handler runs until the test lets it end: past claim_idle_ms, and past several
+    XAUTOCLAIM scans (the peer's and its own) that would claim the entry were it not renewed."""
     app, peer = App(redis_url), App(redis_url)
     runs: list[tuple[str, str, int]] = []
+    release = anyio.Event()
 
     async def slow(msg: Message) -> None:
         runs.append((msg.consumer, msg.id, msg.deliveries))
-        await anyio.sleep(1.5)
+        await release.wait()
 
     app.consumer(names.stream, group=names.group, consumer="slow-1", claim_idle_ms=300)(slow)
     peer.consumer(names.stream, group=names.group, consumer="peer-1", claim_idle_ms=300)(slow)
     samples: list[dict[str, tuple[str, int]]] = []
+
+    async def sample_until(done: Callable[[], Awaitable[bool]]) -> None:
+        while not await done():
+            samples.append(await pending_entries(client, names.stream, names.group))
+            await anyio.sleep(0.05)
+
     async with app:
-        entry_id = await app.publish(names.stream, {"n": 1})
-        await eventually(lambda: _equals(len(runs), 1), timeout=5, what="the slow run")
-        async with peer:
-            with anyio.fail_after(5):
-                while not await drained(client, names.stream, names.group):
-                    samples.append(await pending_entries(client, names.stream, names.group))
-                    await anyio.sleep(0.05)
+        try:
+            entry_id = await app.publish(names.stream, {"n": 1})
+            await eventually(lambda: _equals(len(runs), 1), timeout=5, what="the slow run")
+            running = time.monotonic()  # after the delivery
+            async with peer:
+                with anyio.fail_after(10):
+                    # Idle for claim_idle_ms by now, were it not renewed...
+                    await sample_until(lambda: _true(time.monotonic() - running >= 0.3))
+                    # ...and 6 scans that would claim it (about 0.45 s at 2 consumers).
+                    scans = await calls(client, "xautoclaim") + 6
+                    await sample_until(lambda: _at_least(calls(client, "xautoclaim"), scans))
+                samples.append(await pending_entries(client, names.stream, names.group))
+                release.set()
+                await wait_drained(client, names.stream, names.group, timeout=5)
+        finally:
+            release.set()
     assert runs == [("slow-1", entry_id, 1)]
-    held = [s for s in samples if s]
-    assert len(held) >= 10  # sampled for most of the 1.5 s
-    assert all(s == {entry_id: ("slow-1", 1)} for s in held), held
+    assert len(samples) >= 2
+    assert all(s == {entry_id: ("slow-1", 1)} for s in samples), samples
 
 
 @pytest.mark.parametrize("delete", ["xtrim", "xdel"])
@@ -553,9 +634,14 @@ async def test_pending_entries_deleted_from_the_stream_are_dropped(
                 timeout=5,
                 what="the deleted entries dropped from the PEL",
             )
-            claims_before = await _claim_calls(client)
-            await anyio.sleep(0.5)  # the claim sweep goes on at its pace; nothing comes back
-            assert await _claim_calls(client) - claims_before < 20  # one every 0.15 s or so
+            # The claim sweep goes on at its pace (3 more calls take at least 2 x CLAIM_STEP:
+            # one that kept finding the deleted entries would spin) and nothing comes back.
+            claims = await _claim_calls(client) + 3
+            swept = time.monotonic()
+            await eventually(
+                lambda: _at_least(_claim_calls(client), claims), what="3 more claim calls"
+            )
+            assert time.monotonic() - swept >= 2 * CLAIM_STEP - SLACK
             assert await pending_count(client, names.stream, names.group) == 0
             new_id = await app.publish(names.stream, {"n": "after"})
             await wait_drained(client, names.stream, names.group, timeout=5)
@@ -574,8 +660,8 @@ async def test_pending_entries_deleted_from_the_stream_are_dropped(
 
 async def _claim_calls(client: aioredis.Redis) -> int:
     """XCLAIM and XAUTOCLAIM calls the server has answered so far (tests run one at a time)."""
-    stats = await client.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("xclaim", "xautoclaim"))
+    info = await client.info("all")
+    return command_calls(info, "xclaim") + command_calls(info, "xautoclaim")
 
 
 async def test_idle_consumers_with_nothing_pending_are_deleted(
@@ -609,8 +695,13 @@ async def test_idle_consumers_with_nothing_pending_are_deleted(
         await eventually(
             lambda: _equals(others(), {"old-busy": 1}), timeout=5, what="old-empty deleted"
         )
-        await anyio.sleep(1.2)  # the next clean-up, 1 s later, keeps it too
-        assert await others() == {"old-busy": 1}
+        # The next clean-up (1 s later) keeps it too. A marker shows that clean-up ran: a new
+        # idle consumer, deleted by it after it has looked at old-busy (XINFO CONSUMERS lists
+        # consumers by name, and "old-busy" < "old-marker").
+        await client.xgroup_createconsumer(names.stream, names.group, "old-marker")
+        await eventually(
+            lambda: _equals(others(), {"old-busy": 1}), timeout=5, what="old-marker deleted"
+        )
     assert await pending_entries(client, names.stream, names.group) == {entry_id: ("old-busy", 1)}
 
 

@@ -37,7 +37,7 @@ from asyncstreams.embedded import EmbeddedRedis, free_port
 
 from .capabilities import server_binary, tls_missing
 from .conftest import Names
-from .helpers import CliProcess
+from .helpers import CliProcess, blocked_reads, command_calls
 from .jepsen import (
     FaultReport,
     History,
@@ -477,9 +477,11 @@ def test_sigterm_cancels_a_handler_hanging_past_grace_and_a_peer_reclaims_it(
     faults.wait_until(lambda: len(hanging()) == 1, what="the hanging handler running")
     [hung] = hanging()
     fault_at = time.time()
-    assert faults.stop_worker(first, timeout=10) == 0, first.output()
+    # The time limit only catches a hang (the handler hangs for an hour): that the stop cut
+    # it short after the grace period shows in the summary line, 1 cancelled.
+    assert faults.stop_worker(first, timeout=30) == 0, first.output()
     stop_s = time.time() - fault_at
-    assert 0.5 <= stop_s < 5.0, f"stopped {stop_s:.2f} s after SIGTERM with a 0.5 s grace period"
+    assert stop_s >= 0.5, f"stopped {stop_s:.2f} s after SIGTERM with a 0.5 s grace period"
     assert re.search(
         r": stopped; \d+ acked, 0 retried, 0 dead-lettered, 1 cancelled", first.output()
     )
@@ -768,7 +770,7 @@ POISON_KINDS: dict[str, tuple[dict[str, str | bytes], str, str]] = {
 def test_poison_entries_dead_lettered_while_good_ones_flow(faults: Faults) -> None:
     faults.start_server()
     base, mixed = faults.names("base"), faults.names("mixed")
-    faults.start_worker(
+    worker = faults.start_worker(
         streams=[base, mixed],
         concurrency=16,
         batch_size=20,
@@ -822,9 +824,23 @@ def test_poison_entries_dead_lettered_while_good_ones_flow(faults: Faults) -> No
         poison=len(poison),
     )
     assert {r.id for r in good_runs} == good_ids
-    assert mixed_s <= 1.5 * base_s + 0.3, (
-        f"400 good entries took {mixed_s:.2f} s among poison, {base_s:.2f} s without"
-    )
+    # Poison never holds up the good entries. Not asserted as a time (good_s_with_poison
+    # against good_s_without_poison, recorded above): two runs a second apart on a loaded
+    # machine differ by more than poison costs. Shown instead by what happened in order:
+    # while an entry that raises waited for its retries (two backoffs, at least 0.075 s),
+    # good entries after it ran from start to end; and the consumer never paused (the one
+    # way failures may slow the others down, meant for outages, not for poison).
+    runs = faults.runs()
+    mixed_good = [r for r in good_runs if r.stream == mixed]
+    for position, (entry_id, kind) in enumerate(zip(ids, kinds, strict=True)):
+        if kind != "raises" or sum(k is None for k in kinds[position:]) < 16:
+            continue  # the last ones have too few good entries behind them to show it
+        own = {r.deliveries: r for r in runs if r.id == entry_id}
+        failed, last = own[1].end or 0, own[3].start
+        assert any(failed <= r.start and (r.end or 0) <= last for r in mixed_good), (
+            f"no good entry ran while {entry_id} waited for its retries"
+        )
+    assert "handler runs in a row failed" not in worker.output()
 
 
 # -- 9. a handler slower than claim_idle_ms, an idle peer running -----------------------------
@@ -918,8 +934,8 @@ WORKER_ACL = " ".join(
         "+xpending +xclaim +xautoclaim",  # retries, renewals, claiming idle entries
         "+xrange",  # telling a pending entry deleted from the stream
         "+xinfo|consumers +xgroup|delconsumer",  # forgetting idle consumers
-        "+multi +xadd +exec",  # the move to the dead-letter stream
-        "+eval",  # scripts: forgetting a consumer, giving entries back at stop
+        "+eval +xadd",  # scripts: a dead-letter move, forgetting a consumer, giving back
+        "+multi +exec",  # the move of an entry of more than 3,900 fields
     ]
 )
 
@@ -1090,7 +1106,8 @@ def run_acl_scenario(faults: Faults, server: TlsRedis, worker_password: str) -> 
 
     worker = faults.start_worker(
         url=server.url("worker", worker_password),
-        block_ms=5000,
+        # Much longer than any stop: one that waited for the blocked read would take 60 s.
+        block_ms=60_000,
         claim_idle_ms=800,
         max_deliveries=2,
         max_payload_bytes=16384,
@@ -1126,10 +1143,18 @@ def run_acl_scenario(faults: Faults, server: TlsRedis, worker_password: str) -> 
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 least.execute_command(*command)
+    # The stop wakes the blocked read with CLIENT UNBLOCK, which the ACL allows: the call
+    # counted (a refused one is a rejected call, and the stop would wait out the BLOCK; the
+    # time limit only catches that, it is no measure of speed).
+    faults.wait_until(
+        lambda: bool(blocked_reads(admin.client_list(), f"asyncstreams-{worker.pid}")),
+        what="the worker's read blocked",
+    )
+    unblocks = command_calls(admin.info("all"), "client|unblock")
     sent = time.monotonic()
-    assert faults.stop_worker(worker) == 0, worker.output()
+    assert faults.stop_worker(worker, timeout=30) == 0, worker.output()
     stop_s = time.monotonic() - sent
-    assert stop_s < 2.0, f"{stop_s:.2f} s to stop: the blocked read was not unblocked"
+    assert command_calls(admin.info("all"), "client|unblock") > unblocks
     for refused in ("NOPERM", "no permissions", "could not move"):
         assert refused not in worker.output()
     return faults.check(
@@ -1150,7 +1175,8 @@ def test_dead_letter_move_refused_by_the_acl_leaves_the_entry_pending(
 ) -> None:
     """A user may not write the dead-letter stream (its key is not in the ACL): the move of
     a poison entry fails, and the entry must stay pending, not be acked without its dead
-    letter. With MULTI refused too, nothing may run outside the transaction."""
+    letter. With MULTI refused too (it moves only entries of more than 3,900 fields),
+    nothing changes."""
     secret = "no-dead-letter-s3cret"
     acl = WORKER_ACL.replace(" ~{stream}:dead-letter", "").replace("{stream}", faults.stream)
     if multi == "-multi":

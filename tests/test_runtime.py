@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import anyio
@@ -14,9 +15,20 @@ from asyncstreams import App, ConfigurationError, Message, RedisUnavailableError
 from asyncstreams.embedded import free_port
 
 from .conftest import Names
-from .helpers import eventually, fill, pending_count, wait_drained
+from .helpers import (
+    blocked_reads,
+    calls,
+    eventually,
+    fill,
+    pending_count,
+    wait_blocked_reads,
+    wait_drained,
+)
 
 pytestmark = pytest.mark.anyio
+
+# How the apps of this process name their connections (CLIENT LIST shows it).
+CONNECTION_NAME = f"asyncstreams-{os.getpid()}"
 
 
 class Order(msgspec.Struct):
@@ -312,7 +324,9 @@ async def test_unreachable_redis_fails_the_start_without_the_password() -> None:
     assert "s3cret" not in str(caught.value)
 
 
-async def test_a_blocked_read_never_holds_up_publish(redis_url: str, names: Names) -> None:
+async def test_a_blocked_read_never_holds_up_publish(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
     """The pool has 1 shared connection; two consumers block on reads for 30 s meanwhile."""
     app = App(redis_url, max_connections=1)
     seen: list[str] = []
@@ -326,24 +340,32 @@ async def test_a_blocked_read_never_holds_up_publish(redis_url: str, names: Name
         seen.append(fields["n"])
 
     async with app:
-        await anyio.sleep(0.2)  # both readers are now blocked in XREADGROUP
-        with anyio.fail_after(3):
+        await wait_blocked_reads(client, 2, name=CONNECTION_NAME)
+        # Only a hang fails this: a publish waiting for a blocked read's connection would
+        # wait out its 30 s BLOCK.
+        with anyio.fail_after(15):
             for n in range(20):
                 await app.publish(names("busy"), {"n": n})
             await eventually(lambda: _true(len(seen) == 20), what="20 handled")
 
 
-async def test_stopping_does_not_wait_for_a_blocked_read(redis_url: str, names: Names) -> None:
+async def test_stopping_does_not_wait_for_a_blocked_read(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """The stop wakes the read with CLIENT UNBLOCK instead of waiting out its 60 s BLOCK."""
     app = App(redis_url)
 
     @app.consumer(names.stream, group=names.group, block_ms=60_000)
     async def handle(fields: dict[str, str]) -> None:
         pass
 
-    async with app:
-        await anyio.sleep(0.2)
-        started = time.monotonic()
-    assert time.monotonic() - started < 2
+    # Only a hang fails the time limit: a stop that waited for the read would take 60 s.
+    with anyio.fail_after(30):
+        async with app:
+            [reader] = await wait_blocked_reads(client, 1, name=CONNECTION_NAME)
+            unblocks = await calls(client, "client|unblock")
+    assert await calls(client, "client|unblock") > unblocks
+    assert reader not in {str(c["id"]) for c in await client.client_list()}
 
 
 @pytest.mark.slow
@@ -360,14 +382,23 @@ async def test_a_block_longer_than_the_socket_timeout_is_not_an_error(
 
     with caplog.at_level(logging.WARNING, logger="asyncstreams"):
         async with app:
-            await anyio.sleep(0.2)
+            [reader] = await wait_blocked_reads(client, 1, name=CONNECTION_NAME)
             reads_before = await _commandstat(client, "xreadgroup")
-            await anyio.sleep(6)
-            published = time.monotonic()
+
+            async def blocked_for(seconds: int) -> bool:
+                """The read is still blocked, and has been for `seconds` (the connection's
+                idle time: a read cut and sent again would reset it, or close it)."""
+                listed = {str(c["id"]): c for c in await client.client_list()}
+                read = listed.get(reader)
+                assert read is not None, f"the read's connection {reader} is gone"
+                assert blocked_reads([read]) == {reader}, read
+                return int(read["idle"]) >= seconds
+
+            # Past the 5 s socket timeout, one and the same XREADGROUP still waits.
+            await eventually(lambda: blocked_for(6), timeout=20, what="a read blocked 6 s")
             await app.publish(names.stream, {"n": 1})
             await eventually(lambda: _true(len(seen) == 1), what="the entry handled")
             assert await _commandstat(client, "xreadgroup") - reads_before <= 1
-    assert seen[0] - published < 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -392,7 +423,7 @@ async def test_stop_drains_running_handlers(
 
 
 async def test_a_handler_past_the_grace_period_is_cancelled_and_stays_pending(
-    redis_url: str, names: Names, client: aioredis.Redis
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     await fill(client, names.stream, 3)
     app = App(redis_url, grace_period=0.3)
@@ -408,11 +439,19 @@ async def test_a_handler_past_the_grace_period_is_cancelled_and_stays_pending(
             cancelled.append(fields["n"])
             raise
 
-    async with app:
-        await eventually(lambda: _true(len(started) == 3), what="3 handlers running")
-        stopping = time.monotonic()
-    assert time.monotonic() - stopping < 3
+    # Only a hang fails the time limit: handlers waited for would run 60 s.
+    with anyio.fail_after(30), caplog.at_level(logging.INFO, logger="asyncstreams"):
+        async with app:
+            await eventually(lambda: _true(len(started) == 3), what="3 handlers running")
+            stopping = time.monotonic()
+    # The stop waited the grace period, then cancelled the handlers.
+    assert time.monotonic() - stopping >= 0.3
     assert sorted(cancelled) == ["0", "1", "2"]
+    [summary] = [r.getMessage() for r in caplog.records if ": stopped; " in r.getMessage()]
+    assert summary.endswith(
+        ": stopped; 0 acked, 0 retried, 0 dead-lettered, 3 cancelled, 0 never started, "
+        "3 given back to the group"
+    )
     assert await pending_count(client, names.stream, names.group) == 3
 
 
