@@ -229,7 +229,7 @@ async def pending(
     reply = await raw(
         client, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
     )
-    return [Pending(_bytes(entry_id), int(idle), int(count)) for entry_id, _, idle, count in reply]
+    return [Pending(_bytes(entry_id), int(idle), int(n)) for entry_id, _, idle, n in reply]
 
 
 async def deliveries(

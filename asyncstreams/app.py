@@ -458,11 +458,14 @@ class App:
         try:
             await asyncio.wait([task])
         except asyncio.CancelledError:
-            # Cancelled again while the consumers drain: stop them now.
-            task.cancel()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([task])
-            raise
+            if not (self._host_cancelled and task.done()):
+                # Cancelled again while the consumers drain: stop them now.
+                task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([task])
+                raise
+            # The app's own cancellation of the block, landing as it ended: the failure that
+            # caused it is raised below instead.
         finally:
             if self._host_cancelled and host is not None:
                 host.uncancel()
