@@ -48,6 +48,7 @@ class Ledger:
     __slots__ = (
         "_batch_size",
         "_entry_size",
+        "_finished_before",
         "_ids",
         "_in_flight",
         "_in_flight_count",
@@ -68,7 +69,6 @@ class Ledger:
         "queue",
         "reads_paused",
         "running",
-        "successes",
     )
 
     def __init__(
@@ -99,7 +99,8 @@ class Ledger:
         self._in_flight: dict[str, list[bytes]] = {}
         self._in_flight_count = 0
         self.ack_due = asyncio.Event()
-        self.successes = 0
+        # Entries finished and acked since the start (see `successes`).
+        self._finished_before = 0
         self._retries: dict[str, dict[bytes, Retry]] = {stream: {} for stream in streams}
         self._parked: dict[str, dict[bytes, int]] = {stream: {} for stream in streams}
         self._moving: dict[str, dict[bytes, DeadLetter]] = {stream: {} for stream in streams}
@@ -122,6 +123,11 @@ class Ledger:
     def ids(self, stream: str) -> list[bytes]:
         """The ids of `stream` held now, in every state (a copy: it is awaited over)."""
         return list(self._ids[stream])
+
+    @property
+    def successes(self) -> int:
+        """How many entries have been handled so far (it grows with each success)."""
+        return self._finished_before + self._in_flight_count + self.ack_count
 
     def states(self) -> dict[str, int]:
         """How many entries are held in each state; they add up to `held`."""
@@ -246,12 +252,11 @@ class Ledger:
         """The handler returned: the entry waits for its XACK (sent soon, with others)."""
         self.running -= 1
         self.memory -= entry[4]
-        self.successes += 1
         self.acks[entry[0]].append(entry[1])
-        self.ack_count += 1
-        if self.ack_count >= self._batch_size or self._room_waiters:
+        count = self.ack_count = self.ack_count + 1
+        if count >= self._batch_size or self._room_waiters:
             self.ack_due.set()
-        elif self.ack_count == 1:
+        elif count == 1:
             asyncio.get_running_loop().call_later(ACK_INTERVAL, self.ack_due.set)
         if self.reads_paused:
             self.resume_reads()
@@ -265,7 +270,6 @@ class Ledger:
         self.running -= len(entries)
         self.memory -= sum(map(_SIZE, entries))
         self.ack_count += len(entries)
-        self.successes += 1
         if self.ack_count >= self._batch_size or self._room_waiters:
             self.ack_due.set()
         elif first:  # as in finished: one timer per ack batch, not one per call
@@ -286,6 +290,7 @@ class Ledger:
     def acked(self, batch: dict[str, list[bytes]], count: int) -> None:
         """The XACK of `batch` was answered: done with those entries."""
         self._in_flight, self._in_flight_count = {}, 0
+        self._finished_before += count
         for stream, ids in batch.items():
             self._ids[stream].difference_update(ids)
         self.held -= count

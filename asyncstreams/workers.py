@@ -196,6 +196,8 @@ class Workers:
     async def _work(self) -> None:
         ledger = self._ledger
         queue = ledger.queue
+        # Bound once: they run for every entry.
+        start, finished = ledger.start, ledger.finished
         invoke = self._invoke
         assert invoke is not None
         max_payload = self._max_payload
@@ -203,7 +205,7 @@ class Workers:
             if not queue:
                 await self._park()
                 continue
-            entry = ledger.start()
+            entry = start()
             try:
                 if max_payload is not None and entry[4] > max_payload:
                     raise TooLarge(entry, max_payload)
@@ -216,7 +218,7 @@ class Workers:
                 await self._settle([(entry, exc)])
                 self._raise_if_stopping()
                 continue
-            ledger.finished(entry)
+            finished(entry)
 
     async def _work_batches(self) -> None:
         """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
