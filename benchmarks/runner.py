@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import sys
 import time
 from collections.abc import Iterator
@@ -37,27 +38,34 @@ def server(config: Config) -> Iterator[tuple[str, str]]:
         yield embedded.url, f"embedded: {embedded.binary} on a free loopback port"
 
 
-def run_step(step: Step, store: Store) -> Outcome:
-    if step.skip:
-        return Outcome(step, "n/a", note=step.skip)
-    dataset = None
-    if step.data is not None:
-        entries, size = step.data
-        dataset = store.dataset(entries, size)
-    outcome = Outcome(step, "ok")
-    for _ in range(step.repeat):
-        try:
-            run = step.run(store, dataset)
-        except (ChildError, redis.RedisError, OSError) as exc:
-            run = Run(problems=[str(exc)])
-        outcome.runs.append(run)
-        if run.problems:
-            outcome.status, outcome.note = "fail", "; ".join(run.problems)
-            break
-        if run.behind:
-            outcome.status, outcome.note = "behind", run.behind
-        say(".", end="")
-    return outcome
+def run_case(steps: list[Step], store: Store) -> list[Outcome]:
+    """The steps of one case (the rows of one table), their repeats in rounds: round r runs
+    each step once, in an order rotated by r, so that a machine that drifts (a shared 2-core
+    one does) weighs on every row alike and the ratios within the case stay fair."""
+    outcomes = {step.key: Outcome(step, "ok") for step in steps}
+    datasets = {}
+    for step in steps:
+        if step.skip:
+            outcomes[step.key] = Outcome(step, "n/a", note=step.skip)
+        elif step.data is not None:
+            datasets[step.key] = store.dataset(*step.data)
+    for round_ in range(max(step.repeat for step in steps)):
+        turn = round_ % len(steps)
+        for step in steps[turn:] + steps[:turn]:
+            outcome = outcomes[step.key]
+            if step.skip or outcome.status == "fail" or round_ >= step.repeat:
+                continue
+            try:
+                run = step.run(store, datasets.get(step.key))
+            except (ChildError, redis.RedisError, OSError) as exc:
+                run = Run(problems=[str(exc)])
+            outcome.runs.append(run)
+            if run.problems:
+                outcome.status, outcome.note = "fail", "; ".join(run.problems)
+            elif run.behind:
+                outcome.status, outcome.note = "behind", run.behind
+            say(".", end="")
+    return [outcomes[step.key] for step in steps]
 
 
 def run_suite(config: Config) -> int:
@@ -79,14 +87,17 @@ def run_suite(config: Config) -> int:
         say(f"{len(steps)} steps, {config.repeat} repeat(s) each (latency and memory: 1)")
         try:
             scenario = None
-            for index, step in enumerate(steps, 1):
-                if step.scenario != scenario:
+            for (name, case), group in itertools.groupby(steps, lambda s: (s.scenario, s.case)):
+                if name != scenario:
                     store.drop_datasets()  # keep only one scenario's data in the server
-                    scenario = step.scenario
-                say(f"[{index}/{len(steps)}] {step.title} ..", end="")
-                outcome = run_step(step, store)
-                outcomes.append(outcome)
-                say(" " + describe(outcome))
+                    scenario = name
+                case_steps = list(group)
+                say(f"{name} {case}: {len(case_steps)} rows, in rotating rounds ", end="")
+                case_outcomes = run_case(case_steps, store)
+                say()
+                for outcome in case_outcomes:
+                    outcomes.append(outcome)
+                    say(f"[{len(outcomes)}/{len(steps)}] {outcome.step.title} {describe(outcome)}")
         finally:
             store.delete_all()
     elapsed = time.perf_counter() - started

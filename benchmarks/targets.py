@@ -71,11 +71,6 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
         _ratio("drain no-op: asyncstreams batch handler ≥ 1.5x FastStream batch",
                look, "drain", "no-op", "asyncstreams-batch", "faststream-batch", 1.5),
     ]  # fmt: skip
-    if look.get("drain", "no-op", "asyncstreams-source") is not None:
-        targets.append(
-            _ratio("drain no-op: asyncstreams ≥ 0.95x the --baseline-source one (no slower)",
-                   look, "drain", "no-op", "asyncstreams", "asyncstreams-source", 0.95)
-        )  # fmt: skip
     targets.append(_io_target(look))
     for rate, limit in ((2_000, 1.0), (20_000, 10.0)):
         targets.append(_latency_target(look, rate, limit))
