@@ -1,5 +1,6 @@
 """Fixtures: a real redis-server per session (started here, on a free loopback port), names
-unique to each test, and async tests run on both asyncio and uvloop.
+unique to each test, and async tests run on both asyncio and uvloop. A Redis Cluster (3
+masters, with or without a replica each) is started for the session when a test asks for one.
 
 $ASYNCSTREAMS_TEST_REDIS_SERVER picks the redis-server binary (e.g. the Redis 6.2 one from the
 `embedded` extra); $REDIS_URL points the tests that need no server of their own elsewhere.
@@ -12,9 +13,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from asyncstreams.embedded import EmbeddedRedis
+from asyncstreams.embedded import EmbeddedCluster, EmbeddedRedis
+
+from .capabilities import server_binary
+
+# cluster-node-timeout of the shared clusters: short, but long enough that a busy machine
+# does not make a node look failing.
+CLUSTER_NODE_TIMEOUT_MS = 1000
 
 
 @pytest.fixture(
@@ -36,6 +44,35 @@ def redis_server() -> Iterator[EmbeddedRedis | None]:
         return
     with EmbeddedRedis(binary=os.environ.get("ASYNCSTREAMS_TEST_REDIS_SERVER")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[EmbeddedCluster]:
+    """The session's Redis Cluster of 3 masters, of the suite's binary, shared by the tests
+    that ask for it: a test that kills, pauses or stops a node starts a cluster of its own."""
+    with EmbeddedCluster(
+        3, binary=server_binary(), node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS
+    ) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def cluster_with_replicas() -> Iterator[EmbeddedCluster]:
+    """The session's Redis Cluster of 3 masters with a replica each (nodes 3, 4 and 5
+    replicate 0, 1 and 2), shared like `cluster`."""
+    with EmbeddedCluster(
+        3, 1, binary=server_binary(), node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS
+    ) as started:
+        yield started
+
+
+@pytest.fixture
+def clean_cluster(cluster: EmbeddedCluster) -> EmbeddedCluster:
+    """`cluster` with no keys: FLUSHALL on every master before the test."""
+    for row in cluster.slot_map():
+        with redis.Redis(host="127.0.0.1", port=row.master, protocol=2) as client:
+            client.flushall()
+    return cluster
 
 
 @pytest.fixture(scope="session")

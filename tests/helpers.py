@@ -40,6 +40,16 @@ async def eventually(
         await anyio.sleep(0.02)
 
 
+def wait_for(check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """`eventually` for sync tests: poll `check` until it is true; fail naming `what` after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 async def pending_count(client: aioredis.Redis, stream: str, group: str) -> int:
     summary = await client.xpending(stream, group)
     return int(summary["pending"])
