@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start a private redis-server on a free loopback port and use it",
     )
     runp.add_argument(
+        "--embedded-cluster",
+        action="store_true",
+        help="start a private Redis Cluster (3 masters on free loopback ports) and use it",
+    )
+    runp.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",
@@ -290,8 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dead-letters":
         return _dead_letters(args)
     configure_logging(args.log_level)
-    if args.embedded and args.url:
-        print("asyncstreams: error: --embedded and --url exclude each other", file=sys.stderr)
+    given = [
+        flag
+        for flag, value in [
+            ("--embedded", args.embedded),
+            ("--embedded-cluster", args.embedded_cluster),
+            ("--url", args.url),
+        ]
+        if value
+    ]
+    if len(given) > 1:
+        print(f"asyncstreams: error: {' and '.join(given)} exclude each other", file=sys.stderr)
         return 2
     config = RunConfig(
         target=args.target,
@@ -300,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
         grace_period=args.grace_period,
         embedded=args.embedded,
+        embedded_cluster=args.embedded_cluster,
         loop=args.loop,
     )
     try:

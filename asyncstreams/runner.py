@@ -26,7 +26,7 @@ import anyio
 from ._backoff import Backoff
 from ._process import die_with_parent
 from .app import App, OnStarted
-from .embedded import EmbeddedRedis
+from .embedded import EmbeddedCluster, EmbeddedRedis
 from .errors import AsyncstreamsError, ConfigurationError
 
 log = logging.getLogger("asyncstreams.runner")
@@ -66,6 +66,7 @@ class RunConfig:
     log_level: str = "info"
     grace_period: float | None = None
     embedded: bool = False
+    embedded_cluster: bool = False
     loop: str = "auto"
 
 
@@ -199,6 +200,18 @@ def _announce(fd: int) -> None:
 
 @contextlib.contextmanager
 def _embedded_redis(config: RunConfig) -> Iterator[str | None]:
+    if config.embedded_cluster:
+        with EmbeddedCluster() as cluster:
+            log.info(
+                "embedded redis cluster of %d masters (redis-server %s) on %s (ports %s; pids %s)",
+                cluster.masters,
+                cluster.binary,
+                cluster.url,
+                ", ".join(str(node.port) for node in cluster.nodes),
+                ", ".join(str(pid) for pid in cluster.pids),
+            )
+            yield cluster.url
+        return
     if not config.embedded:
         yield config.url
         return

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import redis
 
+from asyncstreams._slots import key_slot
 from asyncstreams.deadletter import DeadLetter
 from asyncstreams.embedded import free_port
 from asyncstreams.runner import GIVE_UP_WINDOW, RESTART_DELAY
@@ -258,6 +259,18 @@ def ledger_env(names: Names, ledger: Path, **settings: object) -> dict[str, str]
             2,
             ["asyncstreams: error: --embedded and --url exclude each other"],
             id="embedded-and-url",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--embedded-cluster", "--url", "redis://127.0.0.1:1/0"],
+            2,
+            ["asyncstreams: error: --embedded-cluster and --url exclude each other"],
+            id="embedded-cluster-and-url",
+        ),
+        pytest.param(
+            ["run", LEDGER_APP, "--embedded", "--embedded-cluster"],
+            2,
+            ["asyncstreams: error: --embedded and --embedded-cluster exclude each other"],
+            id="embedded-and-embedded-cluster",
         ),
         pytest.param(
             ["run", LEDGER_APP, "--loop", "trio"],
@@ -1064,6 +1077,58 @@ def test_embedded_redis_serves_the_app_and_stops_with_it(
                 server = psutil.Process(server_pid)
                 if "redis-server" in server.name() and str(port) in server.cmdline():
                     server.kill()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_embedded_cluster_serves_the_app_and_stops_with_it(
+    start_cli: StartCli, names: Names, workers: int
+) -> None:
+    # A stream in the first master's slots (0-5460): the URL's node serves it.
+    stream = next(
+        f"{names.stream}-{n}" for n in range(10_000) if key_slot(f"{names.stream}-{n}") <= 5460
+    )
+    env = {
+        "URL_APP_URL": f"redis://127.0.0.1:{free_port()}/0",  # --embedded-cluster wins
+        "URL_APP_STREAM": stream,
+        "URL_APP_GROUP": names.group,
+    }
+    cli = start_cli("run", URL_APP, "--embedded-cluster", "--workers", str(workers), env=env)
+    pids: list[int] = []
+    ports: list[int] = []
+    try:
+        wait_until(lambda: cli.output().count(RUNNING) == workers, what="running", cli=cli)
+        found = re.search(
+            r"embedded redis cluster of 3 masters \(redis-server \S+\) on "
+            r"redis://127\.0\.0\.1:(\d+) \(ports ([\d, ]+); pids ([\d, ]+)\)",
+            cli.output(),
+        )
+        assert found is not None, cli.output()
+        ports = [int(port) for port in found[2].split(", ")]
+        pids = [int(pid) for pid in found[3].split(", ")]
+        assert int(found[1]) == ports[0]
+        assert len(ports) == len(pids) == 3
+        assert all(psutil.Process(pid).ppid() == cli.pid for pid in pids)
+        assert cli.output().count(f"{RUNNING} on 127.0.0.1:{ports[0]}") == workers
+        for port in ports:
+            client = redis.Redis(host="127.0.0.1", port=port, decode_responses=True, protocol=2)
+            try:
+                assert "cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+            finally:
+                client.close()
+
+        assert stop(cli, signal.SIGINT) == 0, cli.output()
+        wait_until(
+            lambda: all(is_gone(pid) for pid in pids), what="the cluster's nodes gone", timeout=5
+        )
+    finally:
+        cli.stop()
+        # Stopped by SIGKILL, the CLI could not stop its nodes: end those still there.
+        for pid, port in zip(pids, ports, strict=True):
+            if not is_gone(pid):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    node = psutil.Process(pid)
+                    if "redis-server" in node.name() and str(port) in node.cmdline():
+                        node.kill()
 
 
 # -- which URL ------------------------------------------------------------------------------
