@@ -10,6 +10,7 @@ from .errors import (
     RedisUnavailableError,
 )
 from .message import Message
+from .partitions import Partitioned
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "DeadLetterEntry",
     "DecodeError",
     "Message",
+    "Partitioned",
     "RedisRefusedError",
     "RedisUnavailableError",
     "__version__",

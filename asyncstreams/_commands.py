@@ -1,8 +1,9 @@
 """The Redis commands asyncstreams sends, and their replies as plain values.
 
 Stream names are str, entry ids bytes, an entry's fields the flat `[name, value, ...]` list
-Redis sends. RESP2 and RESP3 reply shapes, NOGROUP and WRONGTYPE are dealt with here; the
-connections and what an error means are _transport.py's.
+Redis sends. RESP2 and RESP3 reply shapes, NOGROUP and WRONGTYPE are dealt with here; which
+server a key lives on is _nodes.py's business, the connections and what an error means
+_transport.py's.
 """
 
 from __future__ import annotations
@@ -15,17 +16,8 @@ from typing import NamedTuple
 
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
-from ._transport import (
-    SOCKET_TIMEOUT,
-    Link,
-    Redis,
-    describe,
-    is_transient,
-    pack,
-    raw,
-    raw_many,
-    transaction,
-)
+from ._nodes import Link, Nodes
+from ._transport import SOCKET_TIMEOUT, explain, is_transient, pack, raw
 from .deadletter import DeadLetter
 from .errors import ConfigurationError, RedisUnavailableError
 from .message import Entry, entry
@@ -42,7 +34,7 @@ def _bytes(value: bytes | str) -> bytes:
 # -- groups and publishing ---------------------------------------------------------------
 
 
-async def ensure_group(client: Redis, stream: str, group: str, start_id: str | bytes) -> bool:
+async def ensure_group(nodes: Nodes, stream: str, group: str, start_id: str | bytes) -> bool:
     """Create `group` on `stream` at `start_id` (and the stream if missing); True if created.
 
     XGROUP CREATE is refused while Redis is full (maxmemory) even when the group exists, so
@@ -50,24 +42,24 @@ async def ensure_group(client: Redis, stream: str, group: str, start_id: str | b
     the stream, however full Redis is.
     """
     try:
-        await raw(client, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
+        await nodes.raw(stream, "XGROUP", "CREATE", stream, group, start_id, "MKSTREAM")
     except OutOfMemoryError:
-        if await group_exists(client, stream, group):
+        if await group_exists(nodes, stream, group):
             return False
         raise
     except ResponseError as exc:
         if str(exc).startswith("BUSYGROUP"):
             return False
         if str(exc).startswith("WRONGTYPE"):
-            raise await _not_a_stream(client, stream) from None
+            raise await _not_a_stream(nodes, stream) from None
         raise
     return True
 
 
-async def group_exists(client: Redis, stream: str, group: str) -> bool:
+async def group_exists(nodes: Nodes, stream: str, group: str) -> bool:
     """Whether `group` exists on `stream` (XPENDING's summary: NOGROUP if it does not)."""
     try:
-        await raw(client, "XPENDING", stream, group)
+        await nodes.raw(stream, "XPENDING", stream, group)
     except ResponseError as exc:
         if str(exc).startswith("NOGROUP"):
             return False
@@ -75,41 +67,46 @@ async def group_exists(client: Redis, stream: str, group: str) -> bool:
     return True
 
 
-async def _not_a_stream(client: Redis, stream: str) -> ConfigurationError:
-    found = _text(await raw(client, "TYPE", stream))
+async def _not_a_stream(nodes: Nodes, stream: str) -> ConfigurationError:
+    found = _text(await nodes.raw(stream, "TYPE", stream))
     return ConfigurationError(f"key {stream!r}: expected a stream, found a {found}")
 
 
 async def add(
-    client: Redis,
-    stream: str,
-    payloads: list[Mapping[str, str | bytes]],
+    nodes: Nodes,
+    entries: Sequence[tuple[str, Mapping[str, str | bytes]]],
     *,
     maxlen: int | None,
     approximate: bool,
 ) -> list[str]:
-    """XADD each field map to `stream`, pipelined 1000 at a time; returns the new entry ids.
+    """XADD each (stream, field map), pipelined 1000 at a time (on a cluster, each server's
+    share in a pipeline of its own, the servers at once); returns the new entry ids.
 
-    Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when the
+    Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when a
     key holds something other than a stream.
     """
-    head: tuple[str | int, ...] = ("XADD", stream)
+    trim: tuple[str | int, ...] = ()
     if maxlen is not None:
-        head += ("MAXLEN", "~" if approximate else "=", maxlen)
-    head += ("*",)
+        trim = ("MAXLEN", "~" if approximate else "=", maxlen)
     ids: list[str] = []
-    for start in range(0, len(payloads), 1000):
-        chunk = payloads[start : start + 1000]
-        packed = b"".join(pack((*head, *chain.from_iterable(f.items()))) for f in chunk)
+    for start in range(0, len(entries), 1000):
+        chunk = entries[start : start + 1000]
+        commands = [
+            (stream, pack(("XADD", stream, *trim, "*", *chain.from_iterable(fields.items()))))
+            for stream, fields in chunk
+        ]
         try:
-            replies = await raw_many(client, packed, len(chunk))
+            replies = await nodes.send(commands)
+            for (stream, _), reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, ResponseError):
+                    if str(reply).startswith("WRONGTYPE"):
+                        raise await _not_a_stream(nodes, stream) from None
+                    raise reply
         except (RedisError, OSError) as exc:
-            if str(exc).startswith("WRONGTYPE"):
-                raise await _not_a_stream(client, stream) from None
             if is_transient(exc):
                 raise RedisUnavailableError(
-                    f"cannot publish to {stream!r}: Redis at {describe(client)} is unavailable: "
-                    f"{exc}"
+                    f"cannot publish to {chunk[0][0]!r}: Redis at {nodes.describe()} is "
+                    f"unavailable: {explain(exc)}"
                 ) from exc
             raise
         ids += [_text(entry_id) for entry_id in replies]
@@ -120,7 +117,8 @@ async def add(
 
 
 class GroupReader:
-    """XREADGROUP for one consumer on a Link of its own.
+    """XREADGROUP for one consumer on a Link of its own, over streams one command may name
+    together (on a cluster, the streams of one hash slot).
 
     A blocking read holds its connection for up to BLOCK ms, so the reader never borrows a
     connection that acks or publishes are waiting for. The read timeout is BLOCK plus the
@@ -128,13 +126,14 @@ class GroupReader:
     """
 
     def __init__(
-        self, client: Redis, streams: Iterable[str], group: str, consumer: str, block_ms: int
+        self, nodes: Nodes, streams: Iterable[str], group: str, consumer: str, block_ms: int
     ) -> None:
         names = tuple(streams)
-        self._link = Link(client)
+        self.streams = names
+        self._link = Link(nodes, names[0])
         self._head: tuple[str, ...] = ("XREADGROUP", "GROUP", group, consumer, "COUNT")
-        self._tail: tuple[str | int, ...] = ("BLOCK", block_ms, "STREAMS", *names)
-        self._tail += tuple(">" for _ in names)
+        self._now: tuple[str, ...] = ("STREAMS", *names, *(">" for _ in names))
+        self._blocking: tuple[str | int, ...] = ("BLOCK", block_ms, *self._now)
         self._timeout = block_ms / 1000 + SOCKET_TIMEOUT
         self._names = {name.encode(): name for name in names}
         # The last entry id read from each stream: where a deleted group is recreated.
@@ -145,14 +144,19 @@ class GroupReader:
         """True from sending XREADGROUP until its reply is read."""
         return self._link.busy
 
-    async def read(self, count: int) -> list[Entry]:
-        """Entries never delivered to the group before, at most `count` (>= 1) per stream.
+    async def read(self, count: int, *, block: bool = True) -> list[Entry]:
+        """Entries never delivered to the group before, at most `count` (>= 1) per stream;
+        with `block`, waiting up to BLOCK ms for some to arrive.
 
         COUNT 0 would mean no limit at all to Redis: a caller's mistake, refused here.
         """
         if count < 1:
             raise ValueError(f"XREADGROUP COUNT must be at least 1, got {count}")
-        reply = await self._link.call(pack((*self._head, count, *self._tail)), self._timeout)
+        if block:
+            packed = pack((*self._head, count, *self._blocking))
+            reply = await self._link.call(packed, self._timeout)
+        else:
+            reply = await self._link.call(pack((*self._head, count, *self._now)))
         if not reply:
             return []
         names = self._names
@@ -166,7 +170,7 @@ class GroupReader:
                 self.last_ids[stream] = entries[-1][0]
         return result
 
-    async def unblock(self, client: Redis) -> None:
+    async def unblock(self) -> None:
         """Make a blocked read return now, empty, as if its BLOCK timed out (best effort).
 
         Without permission for CLIENT ID or CLIENT UNBLOCK the read just runs out its BLOCK.
@@ -174,33 +178,44 @@ class GroupReader:
         client_id = self._link.client_id
         if self.blocked and client_id is not None:
             with contextlib.suppress(RedisError, OSError):
-                await raw(client, "CLIENT", "UNBLOCK", client_id)
+                await raw(self._link.client, "CLIENT", "UNBLOCK", client_id)
 
     async def close(self) -> None:
         await self._link.close()
 
 
 class Acker:
-    """XACK for one consumer, on a Link of its own: one XACK per stream, pipelined."""
+    """XACK for one consumer: one XACK per stream, pipelined, on a Link of its own (on a
+    cluster, through the pools: one pipeline per server, the servers at once)."""
 
-    def __init__(self, client: Redis, group: str) -> None:
-        self._link = Link(client)
+    def __init__(self, nodes: Nodes, streams: Sequence[str], group: str) -> None:
+        self._nodes = nodes
+        self._link = Link(nodes, streams[0])
         self._group = group
 
     async def ack(self, ids_by_stream: Mapping[str, list[bytes]]) -> None:
         group = self._group
         commands = [
-            pack(("XACK", stream, group, *ids)) for stream, ids in ids_by_stream.items() if ids
+            (stream, pack(("XACK", stream, group, *ids)))
+            for stream, ids in ids_by_stream.items()
+            if ids
         ]
-        if commands:
-            await self._link.call(b"".join(commands), replies=len(commands))
+        if not commands:
+            return
+        if not self._nodes.cluster:
+            packed = b"".join(command for _, command in commands)
+            await self._link.call(packed, replies=len(commands))
+            return
+        for reply in await self._nodes.send(commands):
+            if isinstance(reply, ResponseError):
+                raise reply
 
     async def close(self) -> None:
         await self._link.close()
 
 
-async def ack(client: Redis, stream: str, group: str, ids: Sequence[bytes]) -> None:
-    await raw(client, "XACK", stream, group, *ids)
+async def ack(nodes: Nodes, stream: str, group: str, ids: Sequence[bytes]) -> None:
+    await nodes.raw(stream, "XACK", stream, group, *ids)
 
 
 # -- pending entries: claims, renewal, giving back -----------------------------------------
@@ -215,7 +230,7 @@ class Pending(NamedTuple):
 
 
 async def pending(
-    client: Redis,
+    nodes: Nodes,
     stream: str,
     group: str,
     consumer: str,
@@ -226,26 +241,27 @@ async def pending(
     count: int,
 ) -> list[Pending]:
     """XPENDING ... IDLE: `consumer`'s pending entries idle at least `min_idle_ms`, by id."""
-    reply = await raw(
-        client, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
+    reply = await nodes.raw(
+        stream, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
     )
     return [Pending(_bytes(entry_id), int(idle), int(n)) for entry_id, _, idle, n in reply]
 
 
 async def deliveries(
-    client: Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+    nodes: Nodes, stream: str, group: str, consumer: str, ids: Sequence[bytes]
 ) -> dict[bytes, int]:
     """The delivery counters of `ids` still pending on `consumer` (XPENDING per id, one
     pipeline): XAUTOCLAIM does not report them."""
-    packed = b"".join(pack(("XPENDING", stream, group, i, i, 1, consumer)) for i in ids)
-    replies = await raw_many(client, packed, len(ids))
+    replies = await nodes.pipeline(
+        stream, [pack(("XPENDING", stream, group, i, i, 1, consumer)) for i in ids]
+    )
     return {
         _bytes(row[0][0]): int(row[0][3]) for row in replies if row and _text(row[0][1]) == consumer
     }
 
 
 async def claim(
-    client: Redis,
+    nodes: Nodes,
     stream: str,
     group: str,
     consumer: str,
@@ -260,7 +276,7 @@ async def claim(
     at all on Redis 7; either way they are left out here: see `missing`.
     """
     counts = dict(due)
-    reply = await raw(client, "XCLAIM", stream, group, consumer, min_idle_ms, *counts)
+    reply = await nodes.raw(stream, "XCLAIM", stream, group, consumer, min_idle_ms, *counts)
     return [
         entry(stream, _bytes(item[0]), item[1], counts[_bytes(item[0])] + 1)
         for item in reply
@@ -268,23 +284,23 @@ async def claim(
     ]
 
 
-async def missing(client: Redis, stream: str, ids: Iterable[bytes]) -> list[bytes]:
+async def missing(nodes: Nodes, stream: str, ids: Iterable[bytes]) -> list[bytes]:
     """Those of `ids` no longer in the stream (deleted by XDEL, MAXLEN or XTRIM)."""
     gone = []
     for entry_id in ids:
-        if not await raw(client, "XRANGE", stream, entry_id, entry_id):
+        if not await nodes.raw(stream, "XRANGE", stream, entry_id, entry_id):
             gone.append(entry_id)
     return gone
 
 
-async def fields_of(client: Redis, stream: str, entry_id: bytes) -> list[bytes] | None:
+async def fields_of(nodes: Nodes, stream: str, entry_id: bytes) -> list[bytes] | None:
     """XRANGE of one entry: its fields, or None once it is deleted. Not a delivery."""
-    reply = await raw(client, "XRANGE", stream, entry_id, entry_id)
+    reply = await nodes.raw(stream, "XRANGE", stream, entry_id, entry_id)
     return reply[0][1] if reply else None
 
 
 async def autoclaim(
-    client: Redis,
+    nodes: Nodes,
     stream: str,
     group: str,
     consumer: str,
@@ -299,8 +315,8 @@ async def autoclaim(
     nil for them and leaves them pending on this consumer, for its own sweep to find and
     count (so they are not counted here).
     """
-    reply = await raw(
-        client, "XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count
+    reply = await nodes.raw(
+        stream, "XAUTOCLAIM", stream, group, consumer, min_idle_ms, cursor, "COUNT", count
     )
     entries = [(_bytes(item[0]), item[1]) for item in reply[1] if item and item[1] is not None]
     deleted = len(reply[2]) if len(reply) > 2 else 0
@@ -308,13 +324,13 @@ async def autoclaim(
 
 
 async def renew(
-    client: Redis, stream: str, group: str, consumer: str, ids: Sequence[bytes]
+    nodes: Nodes, stream: str, group: str, consumer: str, ids: Sequence[bytes]
 ) -> set[bytes]:
     """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID).
 
     Returns those still pending (the others were acked meanwhile).
     """
-    reply = await raw(client, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+    reply = await nodes.raw(stream, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
     return {_bytes(entry_id) for entry_id in reply}
 
 
@@ -337,7 +353,7 @@ return given
 
 
 async def give_back(
-    client: Redis,
+    nodes: Nodes,
     stream: str,
     group: str,
     consumer: str,
@@ -352,7 +368,7 @@ async def give_back(
     given = 0
     for start in range(0, len(entries), 200):
         args: list[bytes | int] = list(chain.from_iterable(entries[start : start + 200]))
-        given += int(await raw(client, "EVAL", _GIVE_BACK, 1, stream, group, consumer, *args))
+        given += int(await nodes.raw(stream, "EVAL", _GIVE_BACK, 1, stream, group, consumer, *args))
     return given
 
 
@@ -404,22 +420,45 @@ class Moved(enum.IntEnum):
 
 
 async def move(
-    client: Redis, letter: DeadLetter, target: str, consumer: str, fields: list[bytes]
+    nodes: Nodes, letter: DeadLetter, target: str, consumer: str, fields: list[bytes]
 ) -> Moved:
     """Move the entry `letter` is about (whose fields are `fields`) to `target` as `letter`
     says, and XACK it: in one script, only while it is pending on `consumer`. Raises what
-    Redis refused it with (OOM, WRONGTYPE); the entry then stays pending."""
+    Redis refused it with (OOM, WRONGTYPE); the entry then stays pending.
+
+    On a cluster, a `target` in another hash slot than the entry's stream cannot share a
+    script with it: see `_move_across`."""
     stream, group, entry_id = letter.stream, letter.group, letter.id
+    if not nodes.same_slot(stream, target):
+        return await _move_across(nodes, letter, target, consumer, fields)
     if len(fields) // 2 <= _MOVE_MOST_FIELDS:
         args = (stream, target, group, consumer, entry_id, *letter.metadata())
-        return Moved(int(await raw(client, "EVAL", _MOVE, 2, *args)))
-    added, _ = await transaction(
-        client, ("XADD", target, "*", *letter.fields(fields)), ("XACK", stream, group, entry_id)
+        return Moved(int(await nodes.raw(stream, "EVAL", _MOVE, 2, *args)))
+    added, _ = await nodes.transaction(
+        stream, ("XADD", target, "*", *letter.fields(fields)), ("XACK", stream, group, entry_id)
     )
     if isinstance(added, ResponseError):
         # The XACK ran all the same: put the entry back in the pending entries list.
-        await raw(client, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
+        await nodes.raw(stream, "XCLAIM", stream, group, consumer, 0, entry_id, "FORCE", "JUSTID")
         raise added
+    return Moved.MOVED
+
+
+async def _move_across(
+    nodes: Nodes, letter: DeadLetter, target: str, consumer: str, fields: list[bytes]
+) -> Moved:
+    """`move` to a dead-letter stream in another slot, step by step, in the order that
+    never loses the entry: the copy is added before the entry is acked. A crash between the
+    two leaves the entry pending, to be moved again: one extra copy at worst, never none."""
+    stream, group, entry_id = letter.stream, letter.group, letter.id
+    owner = await nodes.raw(stream, "XPENDING", stream, group, entry_id, entry_id, 1)
+    if not owner or _text(owner[0][1]) != consumer:
+        return Moved.NOT_OURS
+    if not await nodes.raw(stream, "XRANGE", stream, entry_id, entry_id):
+        await nodes.raw(stream, "XACK", stream, group, entry_id)
+        return Moved.DELETED
+    await nodes.raw(target, "XADD", target, "*", *letter.fields(fields))
+    await nodes.raw(stream, "XACK", stream, group, entry_id)
     return Moved.MOVED
 
 
@@ -432,9 +471,9 @@ class ConsumerInfo(NamedTuple):
     idle_ms: int
 
 
-async def consumers(client: Redis, stream: str, group: str) -> list[ConsumerInfo]:
+async def consumers(nodes: Nodes, stream: str, group: str) -> list[ConsumerInfo]:
     """XINFO CONSUMERS: each consumer of the group, its pending count and idle time."""
-    reply = await raw(client, "XINFO", "CONSUMERS", stream, group)
+    reply = await nodes.raw(stream, "XINFO", "CONSUMERS", stream, group)
     result = []
     for item in reply:
         info = dict(zip(item[::2], item[1::2], strict=True)) if isinstance(item, list) else item
@@ -454,25 +493,25 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 """
 
 
-async def delete_consumer_if_idle(client: Redis, stream: str, group: str, name: str) -> bool:
+async def delete_consumer_if_idle(nodes: Nodes, stream: str, group: str, name: str) -> bool:
     """XGROUP DELCONSUMER `name`, only while nothing is pending on it; True if deleted."""
-    return int(await raw(client, "EVAL", _DELETE_IF_IDLE, 1, stream, group, name)) >= 0
+    return int(await nodes.raw(stream, "EVAL", _DELETE_IF_IDLE, 1, stream, group, name)) >= 0
 
 
 # -- dead letters ------------------------------------------------------------------------
 
 
 async def entries(
-    client: Redis, stream: str, *, after: bytes | str, count: int
+    nodes: Nodes, stream: str, *, after: bytes | str, count: int
 ) -> list[tuple[bytes, list[bytes]]]:
     """XRANGE: up to `count` entries of `stream` after id `after` ("-" for the first)."""
     start = after if after == "-" else b"(" + _bytes(after)
-    reply = await raw(client, "XRANGE", stream, start, "+", "COUNT", count)
+    reply = await nodes.raw(stream, "XRANGE", stream, start, "+", "COUNT", count)
     return [(_bytes(entry_id), flat) for entry_id, flat in reply]
 
 
 async def move_back(
-    client: Redis,
+    nodes: Nodes,
     source: str,
     entry_id: bytes,
     source_fields: list[bytes],
@@ -481,11 +520,18 @@ async def move_back(
 ) -> str:
     """XADD `fields` to `target` and XDEL `entry_id` (whose fields are `source_fields`)
     from `source`, in one MULTI. If the XADD fails as it runs, the XDEL has run all the
-    same: the entry is added back to `source` (under a new id) and the error raised."""
-    new_id, _ = await transaction(
-        client, ("XADD", target, "*", *fields), ("XDEL", source, entry_id)
+    same: the entry is added back to `source` (under a new id) and the error raised.
+
+    On a cluster, with `source` and `target` in two slots: the XADD, then the XDEL (a crash
+    between them leaves the entry in both, never in neither)."""
+    if not nodes.same_slot(source, target):
+        new_id = await nodes.raw(target, "XADD", target, "*", *fields)
+        await nodes.raw(source, "XDEL", source, entry_id)
+        return _text(new_id)
+    new_id, _ = await nodes.transaction(
+        source, ("XADD", target, "*", *fields), ("XDEL", source, entry_id)
     )
     if isinstance(new_id, ResponseError):
-        await raw(client, "XADD", source, "*", *source_fields)
+        await nodes.raw(source, "XADD", source, "*", *source_fields)
         raise new_id
     return _text(new_id)

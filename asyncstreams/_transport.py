@@ -18,9 +18,11 @@ from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
+    AskError,
     AuthenticationError,
     AuthorizationError,
     BusyLoadingError,
+    ClusterDownError,
     MasterDownError,
     NoPermissionError,
     OutOfMemoryError,
@@ -40,12 +42,17 @@ Redis = aioredis.Redis
 SOCKET_TIMEOUT = 5.0
 # Errors after which the same command may succeed later: connection loss, timeouts, a
 # replica that became read-only in a failover, a server loading its dataset or full
-# (maxmemory: reads and XACK still work, and memory frees up as streams are trimmed).
+# (maxmemory: reads and XACK still work, and memory frees up as streams are trimmed), a
+# cluster failing over or moving slots faster than a command follows them (CLUSTERDOWN,
+# TRYAGAIN, MOVED or ASK after MAX_REDIRECTS).
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    AskError,
+    ClusterDownError,
     RedisConnectionError,
     RedisTimeoutError,
     ReadOnlyError,
     BusyLoadingError,
+    ClusterDownError,
     MasterDownError,
     TryAgainError,
     OutOfMemoryError,
@@ -93,11 +100,17 @@ def command_name(packed: bytes) -> str:
 
 
 async def exchange(
-    conn: AbstractConnection, packed: bytes, replies: int = 1, timeout: float = SOCKET_TIMEOUT
+    conn: AbstractConnection,
+    packed: bytes,
+    replies: int = 1,
+    timeout: float = SOCKET_TIMEOUT,
+    *,
+    raise_errors: bool = True,
 ) -> list[Any]:
     """Send packed commands on `conn` and read their `replies` replies, undecoded.
 
-    Every reply is read before the first error reply is raised, so the connection stays
+    Every reply is read before the first error reply is raised (or, with
+    `raise_errors=False`, returned in its place as a ResponseError), so the connection stays
     clean; anything else that interrupts (a timeout, a cancellation, a lost connection)
     drops the connection, so no reply is ever left on one that is used again.
     """
@@ -113,7 +126,9 @@ async def exchange(
                     )
                 except ResponseError as exc:
                     error = error or exc
-        if error is not None:
+                    if not raise_errors:
+                        results.append(exc)
+        if error is not None and raise_errors:
             raise error
         return results
     except ResponseError:
@@ -129,38 +144,15 @@ async def exchange(
 
 
 async def raw(client: Redis, *args: str | int | bytes) -> Any:
-    """One command through the pool, its reply as Redis sent it (no redis-py reply parsing)."""
-    return (await raw_many(client, pack(args), 1))[0]
+    """One command through the pool, its reply as Redis sent it (no redis-py reply parsing).
 
-
-async def raw_many(client: Redis, packed: bytes, replies: int) -> list[Any]:
-    """Several packed commands through one pooled connection; their replies, undecoded."""
+    For commands about a key, see `Nodes.raw`, which finds the server that holds it."""
     pool = client.connection_pool
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        return await exchange(conn, packed, replies)
+        return (await exchange(conn, pack(args)))[0]
     finally:
         await pool.release(conn)
-
-
-async def transaction(client: Redis, *commands: tuple[str | bytes, ...]) -> list[Any]:
-    """MULTI, `commands`, EXEC on one pooled connection; the results EXEC returns.
-
-    MULTI goes first, on its own, and must answer OK: were it refused (an ACL without
-    +multi), the commands sent after it would run one by one, not as a transaction. A
-    command refused while queued aborts the whole transaction (EXECABORT). A command that
-    fails while EXEC runs does not stop the others: its result is the error.
-    """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await exchange(conn, pack(("MULTI",)))
-        packed = b"".join(pack(command) for command in commands) + pack(("EXEC",))
-        replies = await exchange(conn, packed, len(commands) + 1)
-    finally:
-        await pool.release(conn)
-    results: list[Any] = replies[-1]
-    return results
 
 
 def reserve_connections(client: Redis, total: int) -> None:
@@ -230,52 +222,3 @@ def is_transient(exc: BaseException) -> bool:
         return True
     # BUSY: a script is running; redis-py has no class for it.
     return isinstance(exc, ResponseError) and str(exc).startswith("BUSY ")
-
-
-class Link:
-    """A pool connection that one task keeps to itself for the commands it sends all the time.
-
-    Commands are packed by hiredis. A command that fails or is cancelled before its reply is
-    read drops the connection, so no unread reply is ever left on a connection that is used
-    again; the next call connects afresh. Error replies leave the connection clean.
-    """
-
-    def __init__(self, client: Redis) -> None:
-        self._pool = client.connection_pool
-        self._conn: AbstractConnection | None = None
-        self.client_id: int | None = None
-        self.busy = False
-
-    async def _connection(self) -> AbstractConnection:
-        conn = self._conn
-        if conn is not None and conn.is_connected:
-            return conn
-        if conn is None:
-            conn = self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        else:
-            await conn.connect()  # type: ignore[no-untyped-call]
-        self.client_id = None
-        try:
-            await conn.send_command("CLIENT", "ID")
-            self.client_id = int(await conn.read_response())
-        except ResponseError:
-            pass  # no permission for CLIENT ID: see GroupReader.unblock
-        return conn
-
-    async def call(self, packed: bytes, timeout: float = SOCKET_TIMEOUT, replies: int = 1) -> Any:
-        """Send packed commands and return the last reply, undecoded.
-
-        `replies` is how many commands `packed` holds; every reply is read before the first
-        error reply is raised, so the connection stays clean.
-        """
-        conn = await self._connection()
-        self.busy = True
-        try:
-            return (await exchange(conn, packed, replies, timeout))[-1]
-        finally:
-            self.busy = False
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._pool.release(conn)

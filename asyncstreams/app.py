@@ -21,6 +21,7 @@ import anyio.abc
 import msgspec
 
 from . import _commands, _transport, deadletter
+from ._nodes import Nodes, discover
 from ._tasks import first_failure
 from .codec import HandlerPlan, encode_fields, plan_handler
 from .consumer import Consumer
@@ -34,6 +35,7 @@ from .options import (
     mask_url,
     resolve_url,
 )
+from .partitions import Partitioned
 
 log = logging.getLogger("asyncstreams")
 
@@ -103,9 +105,11 @@ class App:
     """An asyncstreams application: handlers registered with `@app.consumer`, run together.
 
     `url` is where Redis is; the CLI's `--url` overrides it, and without either asyncstreams
-    uses `$ASYNCSTREAMS_URL`, then `redis://localhost:6379/0`. `grace_period` is how long
-    handlers get to finish when the app stops. `lifespan`, if given, is entered before the
-    consumers start and left after they stop (open your database pool there).
+    uses `$ASYNCSTREAMS_URL`, then `redis://localhost:6379/0`. The URL may be any node of
+    a Redis Cluster: the app finds out at start (CLUSTER SLOTS) and logs it; `cluster=True`
+    requires a cluster, `cluster=False` never asks. `grace_period` is how long handlers get
+    to finish when the app stops. `lifespan`, if given, is entered before the consumers
+    start and left after they stop (open your database pool there).
     """
 
     def __init__(
@@ -115,14 +119,17 @@ class App:
         grace_period: float = DEFAULT_GRACE_PERIOD,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         lifespan: Lifespan | None = None,
+        cluster: bool | None = None,
     ) -> None:
         self._options = AppOptions(
-            url=url, grace_period=grace_period, max_connections=max_connections
+            url=url, grace_period=grace_period, max_connections=max_connections, cluster=cluster
         )
         self._cli_url: str | None = None
         self._lifespan: Lifespan = lifespan or _no_lifespan
         self._registrations: list[Registration] = []
         self._client: _transport.Redis | None = None
+        self._nodes: Nodes | None = None
+        self._spread = 0
         self._stop: anyio.Event | None = None
         self._stop_requested = False
         self._failure: BaseException | None = None
@@ -177,6 +184,7 @@ class App:
                 url=self._options.url,
                 grace_period=grace_period,
                 max_connections=self._options.max_connections,
+                cluster=self._options.cluster,
             )
 
     @property
@@ -196,7 +204,9 @@ class App:
     def redis(self) -> _transport.Redis:
         """The app's Redis client. Handlers may use it; it shares the consumers' pool.
 
-        Replies are bytes (the client does not decode responses).
+        Replies are bytes (the client does not decode responses). On a Redis Cluster it is
+        the client of the URL's node: commands about keys of other nodes get MOVED (use
+        redis-py's `RedisCluster` for those).
         """
         if self._client is None:
             self._client = _transport.create_client(
@@ -215,9 +225,18 @@ class App:
         """True from the start of `serve()` (or `async with app`) until it returns."""
         return self._stop is not None
 
+    async def _connect(self) -> Nodes:
+        """The servers of the URL: one, or the masters of a cluster (found out once)."""
+        if self._nodes is None:
+            self._nodes = await discover(self.redis, cluster=self._options.cluster)
+        return self._nodes
+
     async def aclose(self) -> None:
-        """Close the app's Redis client and its pool (a new one is made if used again)."""
+        """Close the app's Redis clients and their pools (new ones are made if used again)."""
+        nodes, self._nodes = self._nodes, None
         client, self._client = self._client, None
+        if nodes is not None:
+            await nodes.aclose()
         if client is not None:
             await client.aclose()
 
@@ -225,9 +244,10 @@ class App:
 
     async def publish(
         self,
-        stream: str,
+        stream: str | Partitioned,
         payload: msgspec.Struct | Mapping[str, Any],
         *,
+        key: str | bytes | None = None,
         maxlen: int | None = None,
         approximate: bool = True,
     ) -> str:
@@ -235,56 +255,94 @@ class App:
 
         Scalars are written as text, bytes as they are and nested values as JSON, so any
         Redis client can read the entry and a handler taking the same Struct type gets an
-        equal value back. `maxlen` trims the stream (approximately, unless
-        `approximate=False`). Outside a running app, close the pool when done:
+        equal value back. To a `Partitioned` stream, `key` picks the partition (the same
+        key, the same partition, always); without one, entries are spread over them.
+        `maxlen` trims the stream (each partition, for a `Partitioned`; approximately,
+        unless `approximate=False`). Outside a running app, close the pool when done:
         `await app.aclose()`, or publish inside `async with app:`.
         """
-        return (await self.publish_many(stream, [payload], maxlen=maxlen, approximate=approximate))[
-            0
-        ]
+        keys = None if key is None else [key]
+        ids = await self.publish_many(
+            stream, [payload], keys=keys, maxlen=maxlen, approximate=approximate
+        )
+        return ids[0]
 
     async def publish_many(
         self,
-        stream: str,
+        stream: str | Partitioned,
         payloads: Iterable[msgspec.Struct | Mapping[str, Any]],
         *,
+        keys: Iterable[str | bytes] | None = None,
         maxlen: int | None = None,
         approximate: bool = True,
     ) -> list[str]:
-        """`publish` for many payloads at once, pipelined; returns the ids in order."""
+        """`publish` for many payloads at once, pipelined (on a cluster, one pipeline per
+        server, the servers at once); returns the ids in order. `keys`, one per payload,
+        pick the partitions of a `Partitioned` stream."""
         if maxlen is not None and (
             isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0
         ):
             raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
         field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
+        streams = self._streams_for(stream, keys, len(field_maps))
         return await _commands.add(
-            self.redis, stream, field_maps, maxlen=maxlen, approximate=approximate
+            await self._connect(),
+            list(zip(streams, field_maps, strict=True)),
+            maxlen=maxlen,
+            approximate=approximate,
         )
+
+    def _streams_for(
+        self, stream: str | Partitioned, keys: Iterable[str | bytes] | None, count: int
+    ) -> list[str]:
+        """The stream each of `count` payloads goes to."""
+        if not isinstance(stream, Partitioned):
+            if keys is not None:
+                raise ConfigurationError(
+                    f"publish to {stream!r}: keys pick a partition of a Partitioned stream; "
+                    "expected a Partitioned stream or no keys"
+                )
+            return [stream] * count
+        if keys is None:
+            start, self._spread = self._spread, self._spread + count
+            partitions = stream.streams
+            return [partitions[(start + i) % len(partitions)] for i in range(count)]
+        streams = [stream.stream(key) for key in keys]
+        if len(streams) != count:
+            raise ConfigurationError(
+                f"publish to {stream.name!r}: expected one key per payload, got {len(streams)} "
+                f"keys for {count} payloads"
+            )
+        return streams
 
     async def dead_letters(
         self, dead_letter: str, *, limit: int = 100
     ) -> list[deadletter.DeadLetterEntry]:
         """The first `limit` entries of the dead-letter stream `dead_letter`, read back."""
-        page = await _commands.entries(self.redis, dead_letter, after="-", count=limit)
+        nodes = await self._connect()
+        page = await _commands.entries(nodes, dead_letter, after="-", count=limit)
         return [deadletter.parse(entry_id, flat, dead_letter) for entry_id, flat in page]
 
     async def replay_dead_letters(self, dead_letter: str, *, limit: int | None = None) -> int:
         """Move entries of the stream `dead_letter` back to the streams they came from.
 
-        Each goes back with its original fields, as a new entry (a new id), in one MULTI with
-        its XDEL from `dead_letter`. Returns how many were moved (at most `limit`).
+               Each goes back with its original fields, as a new entry (a new id), in one MULTI with
+               its XDEL from `dead_letter` (on a cluster, where the two streams are in different
+               hash slots: the XADD, then the XDEL; a crash between them leaves a copy in both).
+        Returns how many were moved (at most `limit`).
         """
+        nodes = await self._connect()
         moved = 0
         after: bytes | str = "-"
         while limit is None or moved < limit:
-            page = await _commands.entries(self.redis, dead_letter, after=after, count=100)
+            page = await _commands.entries(nodes, dead_letter, after=after, count=100)
             if not page:
                 break
             for entry_id, flat in page[: None if limit is None else limit - moved]:
                 entry = deadletter.parse(entry_id, flat, dead_letter)
                 original = list(chain.from_iterable(entry.fields.items()))
                 await _commands.move_back(
-                    self.redis, dead_letter, entry_id, flat, entry.letter.stream, original
+                    nodes, dead_letter, entry_id, flat, entry.letter.stream, original
                 )
                 moved += 1
             after = page[-1][0]
@@ -316,16 +374,9 @@ class App:
         if self._stop_requested:
             stop.set()
         self._failure = None
-        client = self.redis
-        _transport.reserve_connections(
-            client, self._options.max_connections + self._own_connections
-        )
         try:
-            consumers = [
-                Consumer(r.plan, r.options, client, r.options.consumer or self.consumer_name)
-                for r in self._registrations
-            ]
-            if not await self._start(stop, consumers):
+            consumers = await self._start(stop)
+            if consumers is None:
                 return
             async with self._lifespan(self), anyio.create_task_group() as tg:
                 for consumer in consumers:
@@ -333,7 +384,7 @@ class App:
                 log.info(
                     "asyncstreams running %d consumer(s) on %s",
                     len(consumers),
-                    _transport.describe(client),
+                    consumers[0].nodes.describe() if consumers else self.display_url,
                 )
                 task_status.started()
                 await stop.wait()
@@ -345,9 +396,10 @@ class App:
             with anyio.CancelScope(shield=True):
                 await self.aclose()
 
-    async def _start(self, stop: anyio.Event, consumers: list[Consumer]) -> bool:
-        """Reach Redis and create the groups; False if `stop` came first (it ends a start
-        that waits for Redis at once)."""
+    async def _start(self, stop: anyio.Event) -> list[Consumer] | None:
+        """Reach Redis (one server or a cluster), make the consumers and create their
+        groups; None if `stop` came first (it ends a start that waits for Redis at once)."""
+        consumers: list[Consumer] = []
         try:
             async with anyio.create_task_group() as tg:
 
@@ -357,13 +409,21 @@ class App:
 
                 tg.start_soon(stop_starting)
                 await _transport.check_reachable(self.redis)
+                nodes = await self._connect()
+                consumers = [
+                    Consumer(r.plan, r.options, nodes, r.options.consumer or self.consumer_name)
+                    for r in self._registrations
+                ]
+                nodes.reserve(
+                    self._options.max_connections + sum(c.own_connections for c in consumers)
+                )
                 # Groups first: what the lifespan publishes is read even by a group at "$".
                 for consumer in consumers:
                     await consumer.prepare()
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise first_failure(group) from None
-        return not stop.is_set()
+        return None if stop.is_set() else consumers
 
     async def _run_consumer(
         self,

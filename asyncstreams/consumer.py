@@ -26,8 +26,9 @@ import anyio.abc
 from . import _commands
 from ._backoff import Outage
 from ._commands import Acker, GroupReader
+from ._nodes import Nodes
 from ._tasks import first_failure
-from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, refuses
+from ._transport import SOCKET_TIMEOUT, explain, is_transient, refused, refuses
 from .codec import HandlerPlan
 from .failures import Failures
 from .ledger import Ledger
@@ -55,16 +56,14 @@ class Consumer:
     """Runs one handler over its streams as one consumer of its group."""
 
     def __init__(
-        self, plan: HandlerPlan, options: ConsumerOptions, client: Redis, name: str
+        self, plan: HandlerPlan, options: ConsumerOptions, nodes: Nodes, name: str
     ) -> None:
         self.plan = plan
         self.options = options
         self.name = name
-        self.client = client
+        self.nodes = nodes
         self.stats = Stats()
-        self.where = (
-            f"{plan.name} [{','.join(options.names)} group={options.group} consumer={name}]"
-        )
+        self.where = f"{plan.name} [{options.label} group={options.group} consumer={name}]"
         # A handler that raised KeyboardInterrupt or SystemExit: raised once stopped.
         self.exit: BaseException | None = None
         self._stop: anyio.Event | None = None
@@ -75,9 +74,14 @@ class Consumer:
             max_memory_bytes=options.max_memory_bytes,
         )
         self._outage = Outage(log, self.where, self.ensure_groups)
-        self._reader = GroupReader(client, options.names, options.group, name, options.block_ms)
-        self._acker = Acker(client, options.group)
-        self.failures = Failures(client, options, name, self.where, self.ledger)
+        # One reader per set of streams one XREADGROUP may name: all of them on one server,
+        # those of each hash slot on a cluster.
+        self._readers = [
+            GroupReader(nodes, streams, options.group, name, options.block_ms)
+            for streams in nodes.slot_groups(options.names)
+        ]
+        self._acker = Acker(nodes, options.names, options.group)
+        self.failures = Failures(nodes, options, name, self.where, self.ledger)
         self.workers = Workers(
             self.ledger,
             self.failures,
@@ -90,7 +94,7 @@ class Consumer:
             name=self.where,
         )
         self._recovery = Recovery(
-            client,
+            nodes,
             options,
             name,
             self.where,
@@ -99,6 +103,7 @@ class Consumer:
             outage=self._outage,
             queued=self.workers.wake,
         )
+        self._readers_left = len(self._readers)
         self._reader_done = anyio.Event()
         self._recovery_done = anyio.Event()
 
@@ -129,7 +134,10 @@ class Consumer:
                 await tasks.start(self.workers.run, name=f"asyncstreams workers {self.plan.name}")
                 async with anyio.create_task_group() as intake:
                     intake.start_soon(self._recover, name=f"asyncstreams recovery {self.plan.name}")
-                    intake.start_soon(self._read_loop, name=f"asyncstreams reader {self.plan.name}")
+                    for reader in self._readers:
+                        intake.start_soon(
+                            self._read_loop, reader, name=f"asyncstreams reader {self.plan.name}"
+                        )
                     self._log_start()
                     task_status.started()
                     await stop.wait()
@@ -145,11 +153,16 @@ class Consumer:
         if self.exit is not None:
             raise self.exit
 
+    @property
+    def own_connections(self) -> int:
+        """Connections the consumer keeps to itself: one per reader, one for its acks."""
+        return len(self._readers) + 1
+
     def _log_start(self) -> None:
         options = self.options
         log.info(
             "consuming streams=%s group=%s consumer=%s concurrency=%d batch_size=%d handler=%s",
-            ",".join(options.names),
+            options.label,
             options.group,
             self.name,
             options.concurrency,
@@ -172,7 +185,7 @@ class Consumer:
             await self.ensure_groups()
         except Exception as exc:
             if refuses(exc):
-                raise refused(self.client, exc) from None
+                raise refused(self.nodes.seed, exc) from None
             if not is_transient(exc):
                 raise
             await self._outage.ride(self.ensure_groups)
@@ -184,31 +197,47 @@ class Consumer:
         read, not at `start_id`: what was handled is not delivered again.
         """
         options = self.options
+        last_ids = {k: v for reader in self._readers for k, v in reader.last_ids.items()}
         for stream in options.names:
-            last = self._reader.last_ids.get(stream)
+            last = last_ids.get(stream)
             start_id = last.decode() if last is not None else options.start_id
-            if await _commands.ensure_group(self.client, stream, options.group, start_id):
+            if await _commands.ensure_group(self.nodes, stream, options.group, start_id):
                 log.info("created group %s on stream %s at %s", options.group, stream, start_id)
 
     # -- reading -----------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, reader: GroupReader) -> None:
+        """Read into the ledger while it has room.
+
+        The only reader (one server) blocks for a full COUNT. One of several (a cluster: one
+        per hash slot) must not keep room for a read that waits on an idle stream while the
+        others have entries: it reads without BLOCK while entries come, and once its
+        streams are empty, blocks with COUNT 1 until one arrives.
+        """
         ledger = self.ledger
-        reader = self._reader
+        streams = len(reader.streams)
+        alone = len(self._readers) == 1
+        idle = False
         debug = log.isEnabledFor(logging.DEBUG)
         try:
             # The consumer's own pending entries come first (a restart under the same name).
             await self._recovery.first_pass_done.wait()
             while not ledger.closed:
-                count = ledger.read_count()
+                count = ledger.read_count(streams)
                 if not count:
-                    await ledger.wait_for_room()
+                    await ledger.wait_for_room(streams)
                     continue
-                ledger.read_started(count)
+                block = alone or idle
+                if idle:
+                    count = 1
+                kept = ledger.read_started(count, streams)
                 try:
-                    entries = await self._outage.ride(lambda: reader.read(count))  # noqa: B023
+                    entries = await self._outage.ride(
+                        lambda: reader.read(count, block=block)  # noqa: B023
+                    )
                 finally:
-                    ledger.read_ended()
+                    ledger.read_ended(kept)
+                idle = not entries
                 if entries:
                     ledger.delivered(entries)
                     self.workers.wake(len(entries))
@@ -222,7 +251,9 @@ class Consumer:
                         ledger.memory,
                     )
         finally:
-            self._reader_done.set()
+            self._readers_left -= 1
+            if not self._readers_left:
+                self._reader_done.set()
             with anyio.CancelScope(shield=True):
                 await reader.close()
 
@@ -262,10 +293,11 @@ class Consumer:
         """Stop asking for entries without losing a reply that is already on its way."""
         self.ledger.close()
         with anyio.move_on_after(self.options.block_ms / 1000 + 1):
-            while self._reader.blocked and not self._reader_done.is_set():
+            while not self._reader_done.is_set() and any(r.blocked for r in self._readers):
                 # CLIENT UNBLOCK makes XREADGROUP return as if BLOCK ran out: no entry is
                 # delivered to a reply we would drop.
-                await self._reader.unblock(self.client)
+                for reader in self._readers:
+                    await reader.unblock()
                 with anyio.move_on_after(0.05):
                     await self._reader_done.wait()
         # The recovery stops after the step it is in (claimed entries are not left behind).
@@ -320,7 +352,7 @@ class Consumer:
             ]
             try:
                 given = await _commands.give_back(
-                    self.client, stream, self.options.group, self.name, entries
+                    self.nodes, stream, self.options.group, self.name, entries
                 )
             except Exception as exc:
                 log.warning(

@@ -25,7 +25,8 @@ from . import _commands
 from ._backoff import Backoff
 from ._commands import Moved
 from ._logs import FailureLog
-from ._transport import Redis, explain
+from ._nodes import Nodes
+from ._transport import explain
 from .deadletter import DeadLetter, Reason, dead_letter
 from .errors import DecodeError
 from .ledger import Ledger
@@ -49,9 +50,9 @@ class Failures:
     """The failure policy of one consumer."""
 
     def __init__(
-        self, client: Redis, options: ConsumerOptions, consumer: str, where: str, ledger: Ledger
+        self, nodes: Nodes, options: ConsumerOptions, consumer: str, where: str, ledger: Ledger
     ) -> None:
-        self._client = client
+        self._nodes = nodes
         self._options = options
         self._consumer = consumer
         self._where = where
@@ -213,7 +214,7 @@ class Failures:
             error=exc,
             message=message,
         )
-        if self._options.dead_letter_stream(stream) is None:
+        if self._options.dead_letter_stream(stream, cluster=self._nodes.cluster) is None:
             self._ledger.park(entry)
             self.parked += 1
             self.log.log(
@@ -245,9 +246,9 @@ class Failures:
     async def _move(self, letter: DeadLetter, flat: list[bytes]) -> bool:
         """Move the entry to the dead-letter stream; False if it was not this consumer's to
         move any more (acked, claimed by another, or deleted from the stream)."""
-        target = self._options.dead_letter_stream(letter.stream)
+        target = self._options.dead_letter_stream(letter.stream, cluster=self._nodes.cluster)
         assert target is not None
-        moved = await _commands.move(self._client, letter, target, self._consumer, flat)
+        moved = await _commands.move(self._nodes, letter, target, self._consumer, flat)
         self._move_backoff.reset()
         if moved is not Moved.MOVED:
             log.warning(
@@ -289,7 +290,7 @@ class Failures:
             self._where,
             letter.id,
             letter.stream,
-            self._options.dead_letter_stream(letter.stream),
+            self._options.dead_letter_stream(letter.stream, cluster=self._nodes.cluster),
             explain(failure),
             _what(letter),
         )
@@ -302,9 +303,9 @@ class Failures:
         if asyncio.get_running_loop().time() < self._moves_due:
             return
         for stream, entry_id, letter in list(ledger.moves()):
-            flat = await _commands.fields_of(self._client, stream, entry_id)
+            flat = await _commands.fields_of(self._nodes, stream, entry_id)
             if flat is None:  # deleted meanwhile; Redis 6.2 still has it pending
-                await _commands.ack(self._client, stream, self._options.group, [entry_id])
+                await _commands.ack(self._nodes, stream, self._options.group, [entry_id])
                 ledger.moved(stream, entry_id)
                 continue
             try:

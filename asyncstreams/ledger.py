@@ -48,6 +48,7 @@ class Ledger:
     __slots__ = (
         "_batch_size",
         "_entry_size",
+        "_fewest_streams",
         "_finished_before",
         "_ids",
         "_in_flight",
@@ -106,6 +107,8 @@ class Ledger:
         self._moving: dict[str, dict[bytes, DeadLetter]] = {stream: {} for stream in streams}
         # What the XREADGROUP on its way may bring (room kept for it, not to be claimed).
         self._reading = 0
+        # The fewest streams a waiting reader reads (several readers: one per hash slot).
+        self._fewest_streams = len(streams)
         # Set by the failure policy when handlers keep failing; the first success clears it.
         self.reads_paused = False
         self.closed = False
@@ -142,15 +145,18 @@ class Ledger:
 
     # -- reading -----------------------------------------------------------------------
 
-    def read_count(self) -> int:
-        """COUNT for the next XREADGROUP (per stream); 0 while the reader should wait.
+    def read_count(self, streams: int | None = None) -> int:
+        """COUNT for the next XREADGROUP (per stream) over `streams` streams (all of them by
+        default); 0 while the reader should wait.
 
         A whole batch is read when there is room for one, less rather than let the workers
         run dry; never more than fits in `max_memory_bytes` at the size of recent entries.
+        Several readers (one per hash slot, on a cluster) share the room: each read keeps
+        room for what it may bring until its reply is in.
         """
         if self.reads_paused or self.closed:
             return 0
-        streams = self._n_streams
+        streams = streams or self._n_streams
         room = self.limit - self.held - self._reading
         if room < streams or (room < self._batch_size and self.queue):
             return 0
@@ -165,25 +171,32 @@ class Ledger:
             fits = streams  # one entry larger than the limit is still read, on its own
         return min(count, fits) // streams
 
-    def read_started(self, count: int) -> None:
-        """An XREADGROUP asking for `count` per stream is on its way: keep room for it."""
-        self._reading = count * self._n_streams
+    def read_started(self, count: int, streams: int | None = None) -> int:
+        """An XREADGROUP asking for `count` per stream of `streams` (all by default) is on
+        its way: keep room for it. Returns the room kept, for `read_ended`."""
+        kept = count * (streams or self._n_streams)
+        self._reading += kept
+        return kept
 
-    def read_ended(self) -> None:
+    def read_ended(self, kept: int) -> None:
         """Its reply is in (and delivered first, with no await between), or it failed."""
-        self._reading = 0
+        self._reading -= kept
 
-    async def wait_for_room(self) -> None:
-        """Wait until `read_count()` is above 0, or the ledger is closed."""
+    async def wait_for_room(self, streams: int | None = None) -> None:
+        """Wait until `read_count(streams)` is above 0, or the ledger is closed."""
+        if streams is not None and streams < self._fewest_streams:
+            self._fewest_streams = streams
         loop = asyncio.get_running_loop()
-        while not self.read_count() and not self.closed:
+        while not self.read_count(streams) and not self.closed:
             waiter = loop.create_future()
             self._room_waiters.append(waiter)
             await waiter
 
     def wake_reader(self) -> None:
-        """A waiting reader may read now (room freed, or the workers ran dry): wake it."""
-        if self._room_waiters and self.read_count():
+        """A waiting reader may read now (room freed, or the workers ran dry): wake it.
+        (Those of several readers that read fewer streams may read sooner than the others:
+        each woken reader asks again for its own streams.)"""
+        if self._room_waiters and self.read_count(self._fewest_streams):
             self._wake_waiters()
 
     def _wake_waiters(self) -> None:

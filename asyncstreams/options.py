@@ -14,9 +14,12 @@ from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._slots import key_slot
 from .errors import ConfigurationError
+from .partitions import Partitioned
 
 DEFAULT_URL = "redis://localhost:6379/0"
+DEFAULT_DEAD_LETTER = "{stream}:dead-letter"
 URL_ENV = "ASYNCSTREAMS_URL"
 URL_SCHEMES = ("redis", "rediss", "unix")
 
@@ -35,10 +38,11 @@ class ConsumerOptions:
     and what happens to entries that fail. Each field's meaning is in its `doc` metadata
     (and in the README's options table, made from it)."""
 
-    streams: str | Sequence[str] = field(
+    streams: str | Partitioned | Sequence[str | Partitioned] = field(
         metadata=_doc(
-            "one stream name or a list; one handler for several streams reads them in one "
-            "`XREADGROUP`"
+            "one stream name, a `Partitioned` stream (all its partitions) or a list of them; "
+            "one handler for several streams reads them in one `XREADGROUP` (on a cluster, "
+            "one per hash slot)"
         )
     )
     _: KW_ONLY
@@ -96,9 +100,11 @@ class ConsumerOptions:
         ),
     )
     dead_letter: str | None = field(
-        default="{stream}:dead-letter",
+        default=DEFAULT_DEAD_LETTER,
         metadata=_doc(
-            "the dead-letter stream; `{stream}` is replaced by the entry's stream. `None`: "
+            "the dead-letter stream; `{stream}` is replaced by the entry's stream (on a "
+            "cluster, the default is `{<stream>}:dead-letter` where that keeps it in the "
+            "stream's hash slot). `None`: "
             "none (an entry out of deliveries, or undecodable, then stays pending, is logged "
             "and is not run again)"
         ),
@@ -135,8 +141,10 @@ class ConsumerOptions:
 
     def __post_init__(self) -> None:
         owner = "consumer"
-        names = (self.streams,) if isinstance(self.streams, str) else tuple(self.streams)
-        object.__setattr__(self, "streams", names)
+        given = self.streams
+        items = (given,) if isinstance(given, (str, Partitioned)) else tuple(given)
+        object.__setattr__(self, "streams", items)
+        names = self.names
         if not names:
             raise ConfigurationError(f"{owner}: expected at least one stream name, got none")
         for stream in names:
@@ -191,20 +199,44 @@ class ConsumerOptions:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The names of the streams read (`streams`, always as a tuple)."""
-        names: tuple[str, ...] = self.streams  # type: ignore[assignment]  # set in __post_init__
-        return names
+        """The names of the streams read: `streams`, with every partition of a `Partitioned`."""
+        items: tuple[str | Partitioned, ...] = self.streams  # type: ignore[assignment]  # a tuple since __post_init__
+        return tuple(
+            name
+            for item in items
+            for name in (item.streams if isinstance(item, Partitioned) else (item,))
+        )
+
+    @property
+    def label(self) -> str:
+        """The streams read, for logs: a `Partitioned` as `name[partitions]`."""
+        items: tuple[str | Partitioned, ...] = self.streams  # type: ignore[assignment]  # a tuple since __post_init__
+        return ",".join(
+            f"{item.name}[{item.partitions}]" if isinstance(item, Partitioned) else item
+            for item in items
+        )
 
     @property
     def limit(self) -> int:
         """The most entries the consumer holds at once: `concurrency + batch_size`."""
         return self.concurrency + self.batch_size
 
-    def dead_letter_stream(self, stream: str) -> str | None:
-        """The dead-letter stream for entries of `stream`, or None without one."""
+    def dead_letter_stream(self, stream: str, *, cluster: bool = False) -> str | None:
+        """The dead-letter stream for entries of `stream`, or None without one.
+
+        On a cluster, the default name is kept in the stream's hash slot, so that the move
+        to it is one script: `{orders}:dead-letter` where `orders:dead-letter` would land
+        elsewhere (a stream name with a hash tag, `{orders:3}`, keeps it as it is)."""
         if self.dead_letter is None:
             return None
-        return self.dead_letter.replace("{stream}", stream)
+        name = self.dead_letter.replace("{stream}", stream)
+        if (
+            cluster
+            and self.dead_letter == DEFAULT_DEAD_LETTER
+            and key_slot(name) != key_slot(stream)
+        ):
+            return f"{{{stream}}}:dead-letter"
+        return name
 
     @classmethod
     def create(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ConsumerOptions:
@@ -281,10 +313,15 @@ class AppOptions:
     url: str | None = None
     grace_period: float = DEFAULT_GRACE_PERIOD
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    cluster: bool | None = None
 
     def __post_init__(self) -> None:
         if self.url is not None:
             check_url(self.url)
+        if self.cluster not in (None, True, False):
+            raise ConfigurationError(
+                f"App: cluster must be None (find out), True or False, got {self.cluster!r}"
+            )
         _non_negative_number("App", "grace_period", self.grace_period)
         _positive_int("App", "max_connections", self.max_connections)
 

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from . import _commands
 from ._backoff import Outage
-from ._transport import Redis
+from ._nodes import Nodes
 from .deadletter import Reason
 from .failures import Failures
 from .ledger import Ledger
@@ -52,7 +52,7 @@ class Recovery:
 
     def __init__(
         self,
-        client: Redis,
+        nodes: Nodes,
         options: ConsumerOptions,
         name: str,
         where: str,
@@ -62,7 +62,7 @@ class Recovery:
         outage: Outage,
         queued: Callable[[int], None],
     ) -> None:
-        self._client = client
+        self._nodes = nodes
         self._options = options
         self._group = options.group
         self._name = name
@@ -150,7 +150,7 @@ class Recovery:
         for stream, due in self._failures.due().items():
             ids = [entry_id for entry_id, _ in due]
             claimed = await _commands.claim(
-                self._client, stream, self._group, self._name, due, min_idle_ms=0
+                self._nodes, stream, self._group, self._name, due, min_idle_ms=0
             )
             # Into the ledger before anything else is awaited: were the step run again, an
             # entry claimed here must not be claimed (and its delivery counted) once more.
@@ -202,7 +202,7 @@ class Recovery:
         if self._stopping or ledger.reads_paused or room < 1:
             return start
         page = await _commands.pending(
-            self._client,
+            self._nodes,
             stream,
             self._group,
             self._name,
@@ -211,7 +211,10 @@ class Recovery:
             count=PAGE,
         )
         limit = self._options.max_deliveries
-        parked = limit is not None and self._options.dead_letter_stream(stream) is None
+        parked = (
+            limit is not None
+            and self._options.dead_letter_stream(stream, cluster=self._nodes.cluster) is None
+        )
         lost = [
             p
             for p in page
@@ -221,7 +224,7 @@ class Recovery:
         if taken:
             due = [(p.id, p.deliveries) for p in taken]
             claimed = await _commands.claim(
-                self._client, stream, self._group, self._name, due, min_idle_ms=min_idle_ms
+                self._nodes, stream, self._group, self._name, due, min_idle_ms=min_idle_ms
             )
             await self._take_on(claimed)
             got = {entry[1] for entry in claimed}
@@ -236,11 +239,11 @@ class Recovery:
         """Pending entries deleted from the stream (MAXLEN, XTRIM, XDEL): count, log, XACK."""
         if not ids:
             return
-        gone = await _commands.missing(self._client, stream, ids)
+        gone = await _commands.missing(self._nodes, stream, ids)
         if not gone:
             return
         # Redis 7 already dropped them from the PEL; Redis 6.2 keeps them until acked.
-        await _commands.ack(self._client, stream, self._group, gone)
+        await _commands.ack(self._nodes, stream, self._group, gone)
         self._count_trimmed(stream, len(gone))
 
     def _count_trimmed(self, stream: str, count: int) -> None:
@@ -289,7 +292,7 @@ class Recovery:
             if room < 1 or self._stopping or ledger.reads_paused:
                 return more
             cursor, claimed, deleted = await _commands.autoclaim(
-                self._client,
+                self._nodes,
                 stream,
                 self._group,
                 self._name,
@@ -309,7 +312,7 @@ class Recovery:
                     self._options.claim_idle_ms,
                 )
                 counts = await _commands.deliveries(
-                    self._client,
+                    self._nodes,
                     stream,
                     self._group,
                     self._name,
@@ -335,9 +338,7 @@ class Recovery:
             held = sorted(self._ledger.ids(stream))
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]
-                renewed = await _commands.renew(
-                    self._client, stream, self._group, self._name, chunk
-                )
+                renewed = await _commands.renew(self._nodes, stream, self._group, self._name, chunk)
                 self._ledger.unpark(stream, [i for i in chunk if i not in renewed])
             log.debug("%s: renewed %d held entries of %s", self._where, len(held), stream)
         return False
@@ -346,13 +347,13 @@ class Recovery:
         after = self._options.delete_idle_consumers_after
         assert after is not None
         for stream in self._options.names:
-            for other in await _commands.consumers(self._client, stream, self._group):
+            for other in await _commands.consumers(self._nodes, stream, self._group):
                 if other.name == self._name or other.pending or other.idle_ms < after * 1000:
                     continue
                 # DELCONSUMER drops a consumer's pending entries: the script checks for none
                 # in the same step, so one that has just read keeps what it read.
                 if await _commands.delete_consumer_if_idle(
-                    self._client, stream, self._group, other.name
+                    self._nodes, stream, self._group, other.name
                 ):
                     log.info(
                         "%s: deleted consumer %s of %s (idle %.1f s, nothing pending)",

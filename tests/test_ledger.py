@@ -103,6 +103,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.move: dict[Key, DeadLetter] = {}
         # A read asked for (its COUNT per stream), its reply not delivered yet.
         self.planned = 0
+        self.kept = 0
         # Ledger calls made so far, and after how many the consumer may stop.
         self.calls = 0
         self.stop_after = 0
@@ -199,7 +200,7 @@ class LedgerMachine(RuleBasedStateMachine):
         other rules run before the reply is delivered."""
         self.planned = self._do(self.ledger.read_count)
         if self.planned:
-            self._do(functools.partial(self.ledger.read_started, self.planned))
+            self.kept = self._do(functools.partial(self.ledger.read_started, self.planned))
 
     @precondition(lambda self: self.planned > 0)
     @rule(data=st.data())
@@ -211,7 +212,7 @@ class LedgerMachine(RuleBasedStateMachine):
             entries += [make(stream, next(self.numbers), size) for size in sizes]
 
         def reply() -> None:
-            self.ledger.read_ended()
+            self.ledger.read_ended(self.kept)
             self.ledger.delivered(entries)
 
         self._do(reply)

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from asyncstreams import App, Message
 from asyncstreams._commands import consumers, delete_consumer_if_idle
+from asyncstreams._nodes import Nodes
 from asyncstreams._transport import create_client
 
 from .conftest import Names
@@ -31,15 +32,16 @@ async def test_a_consumer_that_read_after_the_idle_check_is_not_deleted(
     await client.xgroup_create(names.stream, names.group, id="0")
     await client.xgroup_createconsumer(names.stream, names.group, "idle")
     app_client = create_client(redis_url, max_connections=2)
+    nodes = Nodes(app_client)
     try:
-        [seen] = await consumers(app_client, names.stream, names.group)
+        [seen] = await consumers(nodes, names.stream, names.group)
         assert (seen.name, seen.pending) == ("idle", 0)
         delivered = await deliver(client, names.stream, names.group, "idle")  # meanwhile
-        assert not await delete_consumer_if_idle(app_client, names.stream, names.group, "idle")
+        assert not await delete_consumer_if_idle(nodes, names.stream, names.group, "idle")
         assert set(await pending_entries(client, names.stream, names.group)) == set(delivered)
         await client.xack(names.stream, names.group, *delivered)
-        assert await delete_consumer_if_idle(app_client, names.stream, names.group, "idle")
-        assert await consumers(app_client, names.stream, names.group) == []
+        assert await delete_consumer_if_idle(nodes, names.stream, names.group, "idle")
+        assert await consumers(nodes, names.stream, names.group) == []
     finally:
         await app_client.aclose()
 

@@ -535,11 +535,12 @@ async def test_a_cancelled_read_never_leaves_a_reply_on_its_connection(
     redis_url: str, names: Names, client: aioredis.Redis
 ) -> None:
     from asyncstreams._commands import GroupReader
+    from asyncstreams._nodes import Nodes
     from asyncstreams._transport import create_client
 
     await client.xgroup_create(names.stream, names.group, id="0", mkstream=True)
     app_client = create_client(redis_url, max_connections=2)
-    reader = GroupReader(app_client, [names.stream], names.group, "c", block_ms=5_000)
+    reader = GroupReader(Nodes(app_client), [names.stream], names.group, "c", block_ms=5_000)
     try:
         with anyio.move_on_after(0.2):
             await reader.read(10)  # blocks: the stream is empty

@@ -1,0 +1,457 @@
+"""Which Redis server a key lives on: the one server of the URL, or, on a Redis Cluster, the
+master that owns the key's hash slot.
+
+Every command asyncstreams sends names the key it is about, and goes through `Nodes`:
+
+- on one server, to its one client (nothing else happens: the hot path stays as it was);
+- on a cluster, to the client of the master of the key's slot, from a slot map read with
+  CLUSTER SLOTS. A MOVED reply updates that slot and sends the command again, to its new
+  owner; an ASK reply (a slot being migrated) sends it once to the node named, after
+  ASKING. A lost connection or a failover (CLUSTERDOWN, TRYAGAIN, READONLY) re-reads the
+  map in the background, at most every MAP_REFRESH_INTERVAL: the caller rides the error
+  out as an outage and finds the new owner when it tries again.
+
+A command is only sent again when Redis did not run it: MOVED and ASK replies say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from ._slots import SLOTS, key_slot
+from ._transport import (
+    SOCKET_TIMEOUT,
+    Redis,
+    describe,
+    exchange,
+    explain,
+    is_transient,
+    pack,
+    raw,
+    reserve_connections,
+)
+from .errors import ConfigurationError
+
+log = logging.getLogger("asyncstreams")
+
+T = TypeVar("T")
+
+
+# The most redirections one command follows before its error is raised (a slot map that
+# keeps changing under it is an outage, ridden out by the caller).
+MAX_REDIRECTS = 5
+# The shortest time between two reads of the slot map after errors.
+MAP_REFRESH_INTERVAL = 0.5
+_ASKING = pack(("ASKING",))
+
+
+@lru_cache(maxsize=4096)
+def slot_of(key: str) -> int:
+    """The hash slot of `key` (cached: the keys asyncstreams uses are a few stream names)."""
+    return key_slot(key)
+
+
+class Nodes:
+    """The servers of one URL: one, or the masters of a cluster (see the module's doc)."""
+
+    def __init__(self, seed: Redis) -> None:
+        self.seed = seed
+        # On a cluster: the client of the master of each slot; None on one server.
+        self._slots: list[Redis] | None = None
+        self._clients: dict[tuple[str, int], Redis] = {}
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed_at = 0.0
+
+    @property
+    def cluster(self) -> bool:
+        return self._slots is not None
+
+    def client(self, key: str) -> Redis:
+        """The client of the server that holds `key` now."""
+        slots = self._slots
+        return self.seed if slots is None else slots[slot_of(key)]
+
+    def clients(self) -> list[Redis]:
+        """One client per server: the masters of a cluster, or the one server."""
+        slots = self._slots
+        return [self.seed] if slots is None else list(dict.fromkeys(slots))
+
+    def same_slot(self, key: str, other: str) -> bool:
+        """Whether one transaction or script may use both keys."""
+        return self._slots is None or slot_of(key) == slot_of(other)
+
+    def slot_groups(self, keys: Iterable[str]) -> list[tuple[str, ...]]:
+        """`keys` in groups that one command may name together: all of them on one server,
+        those of each hash slot on a cluster (in the order given)."""
+        keys = tuple(keys)
+        if self._slots is None:
+            return [keys]
+        groups: dict[int, list[str]] = {}
+        for key in keys:
+            groups.setdefault(slot_of(key), []).append(key)
+        return [tuple(group) for group in groups.values()]
+
+    def reserve(self, total: int) -> None:
+        """Let each server's pool grow to at least `total` connections."""
+        reserve_connections(self.seed, total)
+        for client in self._clients.values():
+            reserve_connections(client, total)
+
+    def describe(self) -> str:
+        """Where the URL points, for logs (never a password)."""
+        where = describe(self.seed)
+        if self._slots is None:
+            return where
+        return f"{where} (a Redis Cluster of {len(self.clients())} masters)"
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def raw(self, key: str, *args: str | int | bytes) -> Any:
+        """One command about `key`, on the server that holds it; its reply undecoded."""
+        return (await self.pipeline(key, [pack(args)]))[0]
+
+    async def pipeline(self, key: str, commands: Sequence[bytes]) -> list[Any]:
+        """Packed commands about keys of `key`'s slot, on one connection to its server; the
+        first error reply is raised once every reply is read.
+
+        Sent again only when Redis ran none of them: MOVED and ASK come for the slot, so for
+        each command alike. (Were a slot to move between two of them, the first MOVED is
+        raised, and the caller rides it out as an outage: no command runs twice.)"""
+
+        async def run(pool: ConnectionPool, asking: bool) -> list[Any]:
+            replies = await _send(pool, commands, asking)
+            moved = [isinstance(reply, AskError) for reply in replies]
+            if any(moved) and not all(moved):
+                raise TryAgainError(f"slot of {key!r} moved during a pipeline")
+            errors = [reply for reply in replies if isinstance(reply, ResponseError)]
+            if errors:
+                raise errors[0]
+            return replies
+
+        return await self.on_node(key, run)
+
+    async def send(self, commands: Sequence[tuple[str, bytes]]) -> list[Any]:
+        """(key, packed command) pairs, each on the server of its key: one pipeline per
+        server, the servers at once. The replies in order, error replies in place as
+        ResponseErrors. A command answered MOVED or ASK (so not run) is sent again to the
+        node named; the others are not."""
+        results: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        asked: dict[int, Redis] = {}
+        for redirects in range(MAX_REDIRECTS + 1):
+            groups: dict[tuple[Redis, bool], list[int]] = {}
+            for index in todo:
+                target = asked.pop(index, None)
+                place = (target, True) if target else (self.client(commands[index][0]), False)
+                groups.setdefault(place, []).append(index)
+            outcomes = await asyncio.gather(
+                *(
+                    _send(client.connection_pool, [commands[i][1] for i in indexes], asking)
+                    for (client, asking), indexes in groups.items()
+                ),
+                return_exceptions=True,
+            )
+            todo = []
+            for indexes, outcome in zip(groups.values(), outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    self.suspect(outcome)
+                    raise outcome
+                for index, reply in zip(indexes, outcome, strict=True):
+                    results[index] = reply
+                    if self._slots is None or redirects == MAX_REDIRECTS:
+                        continue
+                    if isinstance(reply, MovedError):
+                        self.moved(reply)
+                        todo.append(index)
+                    elif isinstance(reply, AskError):
+                        asked[index] = self.client_at(reply.host, reply.port)
+                        todo.append(index)
+            if not todo:
+                break
+        return results
+
+    async def transaction(self, key: str, *commands: tuple[str | bytes, ...]) -> list[Any]:
+        """MULTI, `commands` (keys of `key`'s slot), EXEC; the results EXEC returns.
+
+        MULTI goes first, on its own, and must answer OK: were it refused (an ACL without
+        +multi), the commands sent after it would run one by one, not as a transaction. A
+        command refused while queued aborts the whole transaction (EXECABORT). A command
+        that fails while EXEC runs does not stop the others: its result is the error.
+        """
+
+        async def run(pool: ConnectionPool, asking: bool) -> list[Any]:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                # ASKING holds for a whole MULTI ... EXEC (Redis keeps it inside MULTI).
+                await exchange(conn, (_ASKING if asking else b"") + pack(("MULTI",)), 1 + asking)
+                packed = b"".join(pack(command) for command in commands) + pack(("EXEC",))
+                replies = await exchange(conn, packed, len(commands) + 1)
+            finally:
+                await pool.release(conn)
+            results: list[Any] = replies[-1]
+            return results
+
+        return await self.on_node(key, run)
+
+    async def on_node(self, key: str, call: Callable[[ConnectionPool, bool], Awaitable[T]]) -> T:
+        """`call(pool, asking)` on the server of `key`, following MOVED and ASK replies;
+        `asking`: send ASKING first, on the same connection."""
+        client = self.client(key)
+        asking = False
+        for redirects in range(MAX_REDIRECTS + 1):
+            try:
+                return await call(client.connection_pool, asking)
+            except MovedError as exc:
+                if self._slots is None or redirects == MAX_REDIRECTS:
+                    raise
+                client = self.moved(exc)
+                asking = False
+            except AskError as exc:
+                if self._slots is None or redirects == MAX_REDIRECTS:
+                    raise
+                client = self.client_at(exc.host, exc.port)
+                asking = True
+            except Exception as exc:
+                self.suspect(exc)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- the slot map ------------------------------------------------------------------
+
+    def moved(self, exc: MovedError) -> Redis:
+        """A MOVED reply: the slot's new owner, now and for every later command; the rest of
+        the map is read again soon (a resharding moves more than one slot)."""
+        assert self._slots is not None
+        client = self.client_at(exc.host, exc.port)
+        self._slots[exc.slot_id] = client
+        self._refresh_soon()
+        return client
+
+    def suspect(self, exc: BaseException) -> None:
+        """An error that may mean the map changed (a node down, a failover): read it again
+        soon."""
+        if self._slots is not None and is_transient(exc):
+            self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(
+                self._refresh_later(), name="asyncstreams cluster map"
+            )
+
+    async def _refresh_later(self) -> None:
+        await asyncio.sleep(max(0.0, self._refreshed_at + MAP_REFRESH_INTERVAL - time.monotonic()))
+        with contextlib.suppress(RedisError, OSError):
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Read the slot map from the first node that answers (the URL's first)."""
+        self._refreshed_at = time.monotonic()
+        error: BaseException | None = None
+        for client in dict.fromkeys([self.seed, *self._clients.values()]):
+            try:
+                reply = await raw(client, "CLUSTER", "SLOTS")
+            except (RedisError, OSError) as exc:
+                error = exc
+                continue
+            self._apply(reply, describe(client))
+            return
+        assert error is not None
+        raise error
+
+    def _apply(self, reply: list[Any], answered: str) -> None:
+        slots: list[Redis | None] = [None] * SLOTS
+        seed_host = self.seed.connection_pool.connection_kwargs.get("host", "localhost")
+        for start, end, master, *_replicas in reply:
+            host = master[0].decode() if isinstance(master[0], bytes) else master[0]
+            # An empty or "?" host: the node does not know its own address; it is the one
+            # that answered, on the URL's host.
+            client = self.client_at(host if host not in ("", "?") else seed_host, int(master[1]))
+            slots[int(start) : int(end) + 1] = [client] * (int(end) - int(start) + 1)
+        uncovered = slots.count(None)
+        if uncovered:
+            # A slot no master owns (the cluster is failing over): keep its last owner,
+            # whose error the caller rides out until the map is whole again.
+            previous = self._slots
+            for slot, owner in enumerate(slots):
+                if owner is None and previous is not None:
+                    slots[slot] = previous[slot]
+            if slots.count(None):
+                raise ConfigurationError(
+                    f"the Redis Cluster at {answered} has {uncovered} of {SLOTS} hash slots "
+                    "without a master; expected every slot assigned (CLUSTER ADDSLOTS)"
+                )
+            self._refresh_soon()
+        changed = self._slots is not None and sum(
+            a is not b for a, b in zip(self._slots, slots, strict=True)
+        )
+        self._slots = slots  # type: ignore[assignment]  # no None left: checked above
+        if changed:
+            log.info(
+                "Redis Cluster: %d hash slots have a new master (map read from %s)",
+                changed,
+                answered,
+            )
+
+    def client_at(self, host: str, port: int) -> Redis:
+        """The client of the node at host:port, made like the URL's (its password, TLS and
+        timeouts), with a pool of its own."""
+        client = self._clients.get((host, port))
+        if client is None:
+            pool = self.seed.connection_pool
+            kwargs = {**pool.connection_kwargs, "host": host, "port": port}
+            client = Redis.from_pool(
+                BlockingConnectionPool(
+                    connection_class=pool.connection_class,
+                    max_connections=pool.max_connections,
+                    **kwargs,
+                )
+            )
+            self._clients[(host, port)] = client
+        return client
+
+    async def aclose(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+async def _send(pool: ConnectionPool, commands: Sequence[bytes], asking: bool) -> list[Any]:
+    """Packed commands on one pooled connection; their replies, error replies in place.
+    `asking`: each after ASKING (which holds for one command)."""
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        if asking:
+            packed = b"".join(_ASKING + command for command in commands)
+            return (await exchange(conn, packed, 2 * len(commands), raise_errors=False))[1::2]
+        packed = b"".join(commands)
+        return await exchange(conn, packed, len(commands), raise_errors=False)
+    finally:
+        await pool.release(conn)
+
+
+async def discover(seed: Redis, *, cluster: bool | None) -> Nodes:
+    """The servers behind `seed`'s URL. `cluster`: None to ask the server (CLUSTER SLOTS is
+    refused by a server that is not in a cluster, or by an ACL without +cluster|slots: both
+    mean one server), True to require a cluster, False to never ask."""
+    nodes = Nodes(seed)
+    if cluster is False:
+        return nodes
+    try:
+        reply = await raw(seed, "CLUSTER", "SLOTS")
+    except NoPermissionError:
+        if cluster:
+            raise
+        return nodes
+    except ResponseError as exc:
+        if cluster or "cluster support disabled" not in str(exc):
+            if cluster:
+                raise ConfigurationError(
+                    f"expected a Redis Cluster at {describe(seed)}, found a server that is "
+                    f"not in one ({explain(exc)})"
+                ) from None
+            raise
+        return nodes
+    nodes._apply(reply, describe(seed))
+    log.info("Redis Cluster at %s: %d masters", describe(seed), len(nodes.clients()))
+    return nodes
+
+
+class Link:
+    """A connection that one task keeps to itself for the commands it sends all the time,
+    to the server of `key` (on a cluster it follows the key's slot to its new owner).
+
+    Commands are packed by hiredis. A command that fails or is cancelled before its reply is
+    read drops the connection, so no unread reply is ever left on a connection that is used
+    again; the next call connects afresh. Error replies leave the connection clean.
+    """
+
+    def __init__(self, nodes: Nodes, key: str) -> None:
+        self._nodes = nodes
+        self._key = key
+        self._conn: AbstractConnection | None = None
+        self._pool: ConnectionPool | None = None
+        self.client_id: int | None = None
+        self.busy = False
+
+    @property
+    def client(self) -> Redis:
+        """The client of the server the link talks to now."""
+        return self._nodes.client(self._key)
+
+    async def _connection(self) -> AbstractConnection:
+        pool = self.client.connection_pool
+        conn = self._conn
+        if conn is not None and self._pool is pool and conn.is_connected:
+            return conn
+        if conn is None or self._pool is not pool:
+            await self.close()
+            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            self._pool = pool
+        else:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        self.client_id = None
+        try:
+            await conn.send_command("CLIENT", "ID")
+            self.client_id = int(await conn.read_response())
+        except ResponseError:
+            pass  # no permission for CLIENT ID: see GroupReader.unblock
+        return conn
+
+    async def call(self, packed: bytes, timeout: float = SOCKET_TIMEOUT, replies: int = 1) -> Any:
+        """Send packed commands and return the last reply, undecoded.
+
+        `replies` is how many commands `packed` holds; every reply is read before the first
+        error reply is raised, so the connection stays clean. A MOVED reply sends them
+        again, to the slot's new owner; an ASK reply, once to the node named.
+        """
+        for redirects in range(MAX_REDIRECTS + 1):
+            self.busy = True
+            try:
+                conn = await self._connection()
+                return (await exchange(conn, packed, replies, timeout))[-1]
+            except MovedError as exc:
+                if not self._nodes.cluster or redirects == MAX_REDIRECTS:
+                    raise
+                self._nodes.moved(exc)
+            except AskError as exc:
+                if not self._nodes.cluster:
+                    raise
+                if replies != 1:
+                    raise
+                target = self._nodes.client_at(exc.host, exc.port)
+                reply = (await _send(target.connection_pool, [packed], True))[0]
+                if isinstance(reply, ResponseError):
+                    raise reply from None
+                return reply
+            except Exception as exc:
+                self._nodes.suspect(exc)
+                raise
+            finally:
+                self.busy = False
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pool is not None:
+            await self._pool.release(conn)
