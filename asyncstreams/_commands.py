@@ -67,8 +67,18 @@ async def group_exists(nodes: Nodes, stream: str, group: str) -> bool:
     return True
 
 
+async def key_type(nodes: Nodes, key: str) -> str:
+    """TYPE: "stream", "none" (no such key), "string"..."""
+    return _text(await nodes.raw(key, "TYPE", key))
+
+
+async def length(nodes: Nodes, stream: str) -> int:
+    """XLEN: how many entries `stream` holds."""
+    return int(await nodes.raw(stream, "XLEN", stream))
+
+
 async def _not_a_stream(nodes: Nodes, stream: str) -> ConfigurationError:
-    found = _text(await nodes.raw(stream, "TYPE", stream))
+    found = await key_type(nodes, stream)
     return ConfigurationError(f"key {stream!r}: expected a stream, found a {found}")
 
 

@@ -225,8 +225,10 @@ class App:
         """True from the start of `serve()` (or `async with app`) until it returns."""
         return self._stop is not None
 
-    async def _connect(self) -> Nodes:
-        """The servers of the URL: one, or the masters of a cluster (found out once)."""
+    async def servers(self) -> Nodes:
+        """The servers of the URL: one, or the masters of a cluster (found out once). For
+        asyncstreams' own commands (the CLI's among them): each goes to the server of its
+        key."""
         if self._nodes is None:
             self._nodes = await discover(self.redis, cluster=self._options.cluster)
         return self._nodes
@@ -286,7 +288,7 @@ class App:
         field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
         streams = self._streams_for(stream, keys, len(field_maps))
         return await _commands.add(
-            await self._connect(),
+            await self.servers(),
             list(zip(streams, field_maps, strict=True)),
             maxlen=maxlen,
             approximate=approximate,
@@ -319,7 +321,7 @@ class App:
         self, dead_letter: str, *, limit: int = 100
     ) -> list[deadletter.DeadLetterEntry]:
         """The first `limit` entries of the dead-letter stream `dead_letter`, read back."""
-        nodes = await self._connect()
+        nodes = await self.servers()
         page = await _commands.entries(nodes, dead_letter, after="-", count=limit)
         return [deadletter.parse(entry_id, flat, dead_letter) for entry_id, flat in page]
 
@@ -331,7 +333,7 @@ class App:
                hash slots: the XADD, then the XDEL; a crash between them leaves a copy in both).
         Returns how many were moved (at most `limit`).
         """
-        nodes = await self._connect()
+        nodes = await self.servers()
         moved = 0
         after: bytes | str = "-"
         while limit is None or moved < limit:
@@ -409,7 +411,7 @@ class App:
 
                 tg.start_soon(stop_starting)
                 await _transport.check_reachable(self.redis)
-                nodes = await self._connect()
+                nodes = await self.servers()
                 consumers = [
                     Consumer(r.plan, r.options, nodes, r.options.consumer or self.consumer_name)
                     for r in self._registrations

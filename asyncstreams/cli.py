@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
+from . import _commands
 from .app import App
 from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
@@ -196,7 +197,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
             entries = await app.dead_letters(args.stream, limit=args.limit or 100)
             for entry in entries:
                 print(_as_json(entry) if args.json else _as_text(entry))
-            total = await app.redis.xlen(args.stream)
+            total = await _commands.length(await app.servers(), args.stream)
             print(f"{len(entries)} of {total} entries of {args.stream} shown", file=sys.stderr)
         finally:
             await app.aclose()
@@ -213,8 +214,7 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 async def _check_is_stream(app: App, stream: str) -> None:
-    reply = await app.redis.type(stream)
-    found = reply.decode() if isinstance(reply, bytes) else reply
+    found = await _commands.key_type(await app.servers(), stream)
     if found == "none":
         raise AsyncstreamsError(f"stream {stream!r} does not exist on {_server(app)}")
     if found != "stream":
