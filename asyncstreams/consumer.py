@@ -28,7 +28,7 @@ from ._backoff import Outage
 from ._commands import Acker, GroupReader
 from ._nodes import Nodes
 from ._tasks import first_failure
-from ._transport import SOCKET_TIMEOUT, explain, is_transient, refused, refuses
+from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, refuses
 from .codec import HandlerPlan
 from .failures import Failures
 from .ledger import Ledger
@@ -267,17 +267,46 @@ class Consumer:
 
     async def _flush_loop(self) -> None:
         due = self.ledger.ack_due
-        while True:
-            await due.wait()
-            due.clear()
-            await self._flush()
+        if not self.nodes.cluster:
+            while True:
+                await due.wait()
+                due.clear()
+                await self._flush()
+        # On a cluster, each master's acks are flushed on their own: one that does not
+        # answer holds up its own entries (until the outage is over), not the others'.
+        flushing: set[Redis] = set()
+        async with anyio.create_task_group() as tasks:
+            while True:
+                await due.wait()
+                due.clear()
+                for client, streams in self._acks_by_master().items():
+                    if client not in flushing:
+                        flushing.add(client)
+                        tasks.start_soon(self._flush_master, client, streams, flushing)
 
-    async def _flush(self) -> None:
-        """XACK everything finished, and whatever finishes meanwhile; keep it through
-        outages (XACK is idempotent: sending one again is safe)."""
+    def _acks_by_master(self) -> dict[Redis, list[str]]:
+        by_master: dict[Redis, list[str]] = {}
+        for stream, ids in self.ledger.acks.items():
+            if ids:
+                by_master.setdefault(self.nodes.client(stream), []).append(stream)
+        return by_master
+
+    async def _flush_master(self, client: Redis, streams: list[str], flushing: set[Redis]) -> None:
+        try:
+            await self._flush(streams)
+        finally:
+            flushing.discard(client)
+            self.ledger.ack_due.set()  # what finished meanwhile, for this master or another
+
+    async def _flush(self, streams: list[str] | None = None) -> None:
+        """XACK everything finished (of `streams`; all by default), and whatever finishes
+        meanwhile; keep it through outages (XACK is idempotent: sending one again is
+        safe)."""
         ledger = self.ledger
-        while ledger.ack_count:
-            batch, count = ledger.take_acks()
+        while True:
+            batch, count = ledger.take_acks(streams)
+            if not count:
+                return
             try:
                 await self._outage.ride(lambda: self._acker.ack(batch))  # noqa: B023
             except BaseException:

@@ -51,7 +51,6 @@ class Ledger:
         "_fewest_streams",
         "_finished_before",
         "_ids",
-        "_in_flight",
         "_in_flight_count",
         "_max_memory",
         "_moving",
@@ -94,10 +93,9 @@ class Ledger:
         # with (0 until the first entries arrive: then a read takes one entry per stream).
         self.memory = 0
         self._entry_size = 0
-        # Acking: finished, waiting for the next XACK (`acks`), or in one (`_in_flight`).
+        # Acking: finished, waiting for the next XACK (`acks`), or in one (in flight).
         self.acks: dict[str, list[bytes]] = {stream: [] for stream in streams}
         self.ack_count = 0
-        self._in_flight: dict[str, list[bytes]] = {}
         self._in_flight_count = 0
         self.ack_due = asyncio.Event()
         # Entries finished and acked since the start (see `successes`).
@@ -290,19 +288,25 @@ class Ledger:
         if self.reads_paused:
             self.resume_reads()
 
-    def take_acks(self) -> tuple[dict[str, list[bytes]], int]:
-        """The finished entries, by stream, for one XACK each; in flight until answered."""
-        batch = {stream: ids for stream, ids in self.acks.items() if ids}
+    def take_acks(self, streams: Iterable[str] | None = None) -> tuple[dict[str, list[bytes]], int]:
+        """The finished entries of `streams` (all by default), by stream, for one XACK each;
+        in flight until answered. (On a cluster, each master's streams are acked apart, so
+        a master that does not answer holds up only its own.)"""
+        if streams is None:
+            batch = {stream: ids for stream, ids in self.acks.items() if ids}
+            count = self.ack_count
+        else:
+            batch = {stream: ids for stream in streams if (ids := self.acks[stream])}
+            count = sum(map(len, batch.values()))
         for stream in batch:
             self.acks[stream] = []  # the lists go; the dict the workers append through stays
-        count, self.ack_count = self.ack_count, 0
-        self._in_flight = batch
-        self._in_flight_count = count
+        self.ack_count -= count
+        self._in_flight_count += count
         return batch, count
 
     def acked(self, batch: dict[str, list[bytes]], count: int) -> None:
         """The XACK of `batch` was answered: done with those entries."""
-        self._in_flight, self._in_flight_count = {}, 0
+        self._in_flight_count -= count
         self._finished_before += count
         for stream, ids in batch.items():
             self._ids[stream].difference_update(ids)
@@ -311,7 +315,7 @@ class Ledger:
 
     def ack_failed(self, batch: dict[str, list[bytes]], count: int) -> None:
         """The XACK of `batch` did not get through: they wait for the next one, first."""
-        self._in_flight, self._in_flight_count = {}, 0
+        self._in_flight_count -= count
         for stream, ids in batch.items():
             self.acks[stream] = ids + self.acks[stream]
         self.ack_count += count
