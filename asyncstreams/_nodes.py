@@ -58,6 +58,8 @@ T = TypeVar("T")
 MAX_REDIRECTS = 5
 # The shortest time between two reads of the slot map after errors.
 MAP_REFRESH_INTERVAL = 0.5
+# How long one node may take to answer CLUSTER SLOTS before the next is asked.
+MAP_READ_TIMEOUT = 1.0
 _ASKING = pack(("ASKING",))
 
 
@@ -261,13 +263,15 @@ class Nodes:
             await self.refresh()
 
     async def refresh(self) -> None:
-        """Read the slot map from the first node that answers (the URL's first)."""
+        """Read the slot map from the first node that answers (the URL's first), giving
+        each MAP_READ_TIMEOUT: a node that is down or paused is skipped soon."""
         self._refreshed_at = time.monotonic()
         error: BaseException | None = None
         for client in dict.fromkeys([self.seed, *self._clients.values()]):
             try:
-                reply = await raw(client, "CLUSTER", "SLOTS")
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(MAP_READ_TIMEOUT):
+                    reply = await raw(client, "CLUSTER", "SLOTS")
+            except (RedisError, OSError) as exc:  # TimeoutError is an OSError
                 error = exc
                 continue
             self._apply(reply, describe(client))
