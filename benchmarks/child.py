@@ -127,7 +127,11 @@ async def _until_stop_line(deadline: float) -> bool:
 
 
 async def _until_acked(spec: ConsumeSpec, deadline: float) -> bool:
-    """Poll XPENDING every millisecond until the group has nothing pending."""
+    """Poll every millisecond until the group has nothing pending (XPENDING; on each stream
+    of `spec.nodes`, on its node, XINFO GROUPS: the cluster scenario counts every other
+    command, and asyncstreams sends XPENDING itself)."""
+    if spec.nodes:
+        return await _until_acked_on_nodes(spec, deadline)
     redis = aioredis.Redis.from_url(spec.url, protocol=2)
     try:
         while time.perf_counter() < deadline:
@@ -138,6 +142,26 @@ async def _until_acked(spec: ConsumeSpec, deadline: float) -> bool:
         return False
     finally:
         await redis.aclose()
+
+
+async def _until_acked_on_nodes(spec: ConsumeSpec, deadline: float) -> bool:
+    clients = {url: aioredis.Redis.from_url(url, protocol=2) for url in set(spec.nodes.values())}
+    # Every entry was handled: a stream with nothing pending stays so, and is not asked again.
+    left = dict(spec.nodes)
+    try:
+        while time.perf_counter() < deadline:
+            for stream, url in list(left.items()):
+                groups = await clients[url].xinfo_groups(stream)
+                name = spec.group.encode()
+                if any(g["name"] == name and g["pending"] == 0 for g in groups):
+                    del left[stream]
+            if not left:
+                return True
+            await asyncio.sleep(0.001)
+        return False
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 def _latency(values: Any) -> Latency | None:

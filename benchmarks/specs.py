@@ -16,7 +16,12 @@ Work = Literal["noop", "sleep", "latency"]
 # What an asyncstreams handler takes: a Struct, dict[str, str] fields, Message, list[Task].
 Shape = Literal["struct", "fields", "message", "batch"]
 Impl = Literal[
-    "asyncstreams", "baseline-inline", "baseline-tasks", "faststream", "faststream-batch"
+    "asyncstreams",
+    "baseline-inline",
+    "baseline-tasks",
+    "faststream",
+    "faststream-batch",
+    "faststream-cluster",
 ]
 PublishMethod = Literal[
     "asyncstreams-publish",
@@ -49,6 +54,13 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     # A folder whose asyncstreams package the child imports instead of this checkout's
     # ("": this checkout's), for a before/after in one run (--baseline-source).
     source: str = ""
+    # The cluster scenario: one handler over several streams (`stream` is then the first),
+    # or over every partition of `Partitioned(stream, partitions)`; `nodes` is where each
+    # stream lives (its node's URL), for the check that nothing is pending (XINFO GROUPS,
+    # which the scenario leaves out of the commands it counts).
+    streams: tuple[str, ...] = ()
+    partitions: int = 0
+    nodes: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Latency(msgspec.Struct, kw_only=True):

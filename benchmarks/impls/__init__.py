@@ -28,6 +28,7 @@ MODULES = {
     "baseline-tasks": "baseline",
     "faststream": "faststream_impl",
     "faststream-batch": "faststream_impl",
+    "faststream-cluster": "faststream_impl",
     "asyncstreams-publish": "asyncstreams_impl",
     "asyncstreams-publish-many": "asyncstreams_impl",
     "redis-py-xadd": "baseline",

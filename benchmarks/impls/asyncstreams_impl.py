@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from asyncstreams import App, ConfigurationError, Message
+from asyncstreams import App, ConfigurationError, Message, Partitioned
 
 from ..ledger import Sink
 from ..payload import Task, task
@@ -89,7 +89,12 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
         options["batch_size"] = spec.batch_size
     elif spec.shape == "batch":
         options["batch_size"] = BATCH_SIZE
-    app.consumer(spec.stream, **options)(_handler(spec.shape, sink))
+    streams: str | Partitioned | list[str] = spec.stream
+    if spec.partitions:
+        streams = Partitioned(spec.stream, spec.partitions)
+    elif spec.streams:
+        streams = list(spec.streams)
+    app.consumer(streams, **options)(_handler(spec.shape, sink))
     async with app:
         yield
 

@@ -5,6 +5,9 @@
   `max_workers=` runs that many handlers at once.
 - `faststream-batch`: `StreamSub(..., batch=True, max_records=500)`: the handler receives a
   list of bodies and the batch is acked with one XACK.
+- `faststream-cluster`: the same batch subscriber on `RedisClusterBroker` (redis-py's
+  `RedisCluster` underneath), one per stream of `spec.streams` (a `StreamSub` reads one
+  stream), all calling one handler.
 
 The broker's per-message access log is off (`logger=None`): it would write two lines per
 entry to stderr. Bodies are left unannotated, FastStream's cheapest path (an annotated body
@@ -38,7 +41,7 @@ def _handler(spec: ConsumeSpec, sink: Sink) -> Callable[..., Awaitable[None]]:
     delay = sink.delay
     sleep = asyncio.sleep
 
-    if spec.impl == "faststream-batch":
+    if spec.impl in ("faststream-batch", "faststream-cluster"):
 
         async def handle_batch(bodies: Any) -> None:
             for body in bodies:  # each a dict of the entry's fields, as text
@@ -66,6 +69,10 @@ def _handler(spec: ConsumeSpec, sink: Sink) -> Callable[..., Awaitable[None]]:
 
 @asynccontextmanager
 async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
+    if spec.impl == "faststream-cluster":
+        async with _consuming_cluster(spec, sink):
+            yield
+        return
     broker = RedisBroker(spec.url, logger=None)  # type: ignore[arg-type]  # None: no logging
     consumer = f"bench-{os.getpid()}"
     if spec.impl == "faststream-batch":
@@ -78,6 +85,25 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
     if spec.concurrency and spec.impl == "faststream":
         broker.subscriber(stream=sub, max_workers=spec.concurrency)(handler)
     else:
+        broker.subscriber(stream=sub)(handler)
+    await broker.start()
+    try:
+        yield
+    finally:
+        await broker.stop()
+
+
+@asynccontextmanager
+async def _consuming_cluster(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
+    from faststream.redis import RedisClusterBroker  # FastStream 0.7 and later
+
+    broker = RedisClusterBroker(spec.url, logger=None)  # type: ignore[arg-type]  # None: no logging
+    consumer = f"bench-{os.getpid()}"
+    handler = _handler(spec, sink)
+    for stream in spec.streams or (spec.stream,):
+        sub: StreamSub[Any] = StreamSub(
+            stream, group=spec.group, consumer=consumer, batch=True, max_records=MAX_RECORDS
+        )
         broker.subscriber(stream=sub)(handler)
     await broker.start()
     try:
