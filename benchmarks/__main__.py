@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-entries", type=_positive, metavar="N", help="backlog of the memory scenario"
     )
     parser.add_argument(
+        "--cluster-entries", type=_positive, metavar="N", help="backlog of the cluster scenario"
+    )
+    parser.add_argument(
         "--baseline-source",
         type=_source,
         metavar="DIR",
@@ -124,6 +127,8 @@ def config_from(args: argparse.Namespace) -> Config:
         overrides["latency_seconds"] = args.latency_seconds
     if args.memory_entries:
         overrides["memory_entries"] = args.memory_entries
+    if args.cluster_entries:
+        overrides["cluster_entries"] = args.cluster_entries
     if args.baseline_source:
         overrides["baseline_source"] = args.baseline_source
     if args.quick:

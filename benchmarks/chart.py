@@ -7,7 +7,7 @@ from pathlib import Path
 from .results import Outcome
 
 COLORS = {"asyncstreams": "#2b6cb0", "baseline": "#718096", "faststream": "#dd6b20"}
-THROUGHPUT = ("drain", "io", "payload", "publish", "workers", "memory")
+THROUGHPUT = ("drain", "io", "payload", "publish", "workers", "memory", "cluster")
 
 
 def draw(outcomes: list[Outcome], path: Path, *, title: str) -> Path | None:
@@ -22,6 +22,13 @@ def draw(outcomes: list[Outcome], path: Path, *, title: str) -> Path | None:
         return None
     panels: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
+        if (
+            outcome.status == "ok"
+            and outcome.runs
+            and not outcome.rates
+            and not outcome.extra("p99_ms")
+        ):
+            continue  # measured, but not a rate (the idle cluster consumer)
         panels.setdefault(outcome.step.scenario, []).append(outcome)
     names = [n for n in (*THROUGHPUT, "latency") if n in panels]
     if not names:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_SCENARIOS = ("drain", "io", "latency", "publish", "workers", "payload")
+DEFAULT_SCENARIOS = ("drain", "io", "latency", "publish", "workers", "payload", "cluster")
 # Opt-in only: a 1,000,000-entry backlog takes a while to write and to drain.
 OPTIONAL_SCENARIOS = ("memory",)
 ALL_SCENARIOS = DEFAULT_SCENARIOS + OPTIONAL_SCENARIOS
@@ -38,6 +38,11 @@ class Config:
     publish_entries: int = 20_000
     workers: tuple[int, ...] = (1, 2)
     memory_entries: int = 1_000_000
+    # The cluster scenario: its backlog, the partitions of its Partitioned stream, and how
+    # long its idle consumer is watched.
+    cluster_entries: int = 200_000
+    cluster_partitions: int = 16
+    cluster_idle_seconds: float = 5.0
     entry_size: int = 100
     # Another source tree's asyncstreams, drained beside this one (a before/after in one run).
     baseline_source: Path | None = None
@@ -63,6 +68,8 @@ def quick_config(**overrides: object) -> Config:
         "latency_seconds": 0.5,
         "publish_entries": 2_000,
         "memory_entries": 50_000,
+        "cluster_entries": 6_000,
+        "cluster_idle_seconds": 1.0,
     }
     base.update(overrides)
     return Config(**base)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import chart, env
 from .config import Config
-from .results import Outcome
+from .results import Outcome, commands_per_entry, describe_idle
 from .targets import Target
 
 SCENARIO_TITLES = {
@@ -23,6 +23,7 @@ SCENARIO_TITLES = {
     "workers": "Worker processes: the drain by N processes of one group",
     "payload": "Payload size and typed decoding (no-op handler)",
     "memory": "Memory under a large backlog",
+    "cluster": "Redis Cluster: one consumer process over three masters",
 }
 SCENARIO_NOTES = {
     "drain": (
@@ -50,6 +51,19 @@ SCENARIO_NOTES = {
     "memory": (
         "One consumer drains a large backlog while a thread samples its RSS every 0.1 s: at the "
         "first entry handled, at 10% of the drain, the peak, and at the end."
+    ),
+    "cluster": (
+        "On servers of the scenario's own (whatever `--url` says): one redis-server, and a "
+        "Redis Cluster of 3 masters of the same binary. One consumer process drains the "
+        "backlog with a no-op handler: three streams (a third of the entries each) on the one "
+        "server; three streams on the cluster, named so that each is on another master; a "
+        "`Partitioned(name, {partitions})` stream on the cluster, written with `publish_many` "
+        "and the task id as key; and the three cluster streams by FastStream's "
+        "`RedisClusterBroker` (its batch subscriber: the per-message one drains a few "
+        "thousand entries a second). Timed as the drain scenario. Redis commands: INFO "
+        "commandstats of each server before the consumer starts and after it exits, less the "
+        "suite's own INFO and XINFO GROUPS (the check that nothing is pending), divided by "
+        "the entries (the mean of the runs)."
     ),
 }
 
@@ -158,6 +172,96 @@ def _memory_table(outcomes: list[Outcome]) -> list[str]:
     return lines
 
 
+def _cluster_table(outcomes: list[Outcome]) -> list[str]:
+    """Throughput against the one-server row, RSS, and Redis commands per entry."""
+    one = next((o for o in outcomes if o.step.key == "one-server"), None)
+    lines = [
+        "| implementation | msgs/s (median) | min-max | ÷ one server | peak RSS MB "
+        "| commands per entry | by server | by command |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for o in outcomes:
+        status = _status_cell(o)
+        if status:
+            lines.append(f"| {o.step.label} | {status} | | | | | | |")
+            continue
+        rates = o.rates
+        spread = f"{min(rates):,.0f}-{max(rates):,.0f}" if len(rates) > 1 else ""
+        versus = ""
+        if one is not None and one is not o and one.median and o.median:
+            versus = f"{o.median / one.median:.2f}x"
+        counts = commands_per_entry(o) or {}
+        total = sum(sum(by_command.values()) for by_command in counts.values())
+        servers = ", ".join(f"{s} {sum(c.values()):.4f}" for s, c in counts.items())
+        # As Redis writes them ("client|setname" is CLIENT SETNAME): no "|" in a table cell.
+        merged: dict[str, float] = {}
+        for by_command in counts.values():
+            for name, value in by_command.items():
+                merged[name] = merged.get(name, 0.0) + value
+        commands = ", ".join(
+            f"{name.replace('|', ' ').upper()} {value:.4f}"
+            for name, value in sorted(merged.items(), key=lambda item: -item[1])
+            if value >= 0.00005
+        )
+        lines.append(
+            f"| {o.step.label} | {_rate(o.median)} | {spread} | {versus} | {_mb(o.peak_rss_mb)} "
+            f"| {total:.4f} | {servers} | {commands} |"
+        )
+    return lines
+
+
+def _idle_table(outcomes: list[Outcome]) -> list[str]:
+    lines = [
+        "| consumer | server | partitions | XREADGROUP per s | partitions ÷ block_ms "
+        "| all commands per s | connections | peak RSS MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        status = _status_cell(o)
+        idle = o.extra("idle")
+        if status or idle is None:
+            lines.append(f"| {o.step.label} | {status or 'not measured'} | | | | | | |")
+            continue
+        for server, rates in idle["commands_per_s"].items():
+            partitions = idle["partitions_per_node"][server]
+            expected = partitions / idle["block_ms"] * 1000
+            lines.append(
+                f"| {o.step.label} | {server} | {partitions} "
+                f"| {rates.get('xreadgroup', 0.0):.2f} | {expected:.2f} "
+                f"| {sum(rates.values()):.2f} "
+                f"| {idle['connections'][server]} | {_mb(o.peak_rss_mb)} |"
+            )
+    return lines
+
+
+def _cluster_notes(outcomes: list[Outcome]) -> str:
+    """The idle consumer's figures, for the scenario's notes."""
+    idle_rows = [o for o in outcomes if o.extra("idle") is not None and o.status == "ok"]
+    if not idle_rows:
+        return ""
+    idle = idle_rows[0].extra("idle")
+    expected = idle["partitions"] / (idle["block_ms"] / 1000)
+    others = {
+        name
+        for rates in idle["commands_per_s"].values()
+        for name, rate in rates.items()
+        if name != "xreadgroup" and rate
+    }
+    return (
+        f" An idle `Partitioned(name, {idle['partitions']})` consumer (nothing arriving, "
+        f"watched for {idle['seconds']:.1f} s once every partition had a blocked read): "
+        f"{describe_idle(idle)}; a read per partition every `block_ms` "
+        f"({idle['block_ms']:,} ms) would be {expected:.1f}/s."
+        + (
+            " Other commands meanwhile: "
+            + ", ".join(name.replace("|", " ").upper() for name in sorted(others))
+            + "."
+            if others
+            else ""
+        )
+    )
+
+
 def _groups(outcomes: Iterable[Outcome]) -> dict[str, dict[str, list[Outcome]]]:
     groups: dict[str, dict[str, list[Outcome]]] = {}
     for o in outcomes:
@@ -193,13 +297,23 @@ def markdown(
         ]
     lines += ["## Targets", "", "| target | measured | result |", "| --- | --- | --- |"]
     lines += [f"| {t.name} | {t.measured} | {t.verdict} |" for t in targets]
-    notes = {"faststream": config.faststream_entries, "publish": config.publish_entries}
+    notes = {
+        "faststream": config.faststream_entries,
+        "publish": config.publish_entries,
+        "partitions": config.cluster_partitions,
+    }
     for scenario, cases in _groups(outcomes).items():
         lines += ["", f"## {scenario}: {SCENARIO_TITLES[scenario]}", ""]
-        lines += [SCENARIO_NOTES[scenario].format(**notes), ""]
+        note = SCENARIO_NOTES[scenario].format(**notes)
+        if scenario == "cluster":
+            note += _cluster_notes([o for rows in cases.values() for o in rows])
+        lines += [note, ""]
         for case, rows in cases.items():
             lines += [f"### {case}", ""]
-            if scenario == "latency":
+            if scenario == "cluster":
+                idle = any(o.step.key == "idle" for o in rows)
+                lines += _idle_table(rows) if idle else _cluster_table(rows)
+            elif scenario == "latency":
                 lines += _latency_table(rows)
             elif scenario == "workers":
                 lines += _workers_table(rows)

@@ -57,11 +57,51 @@ class Outcome:
                 "max": max(rates) if rates else None,
             },
             "peak_rss_mb": self.peak_rss_mb,
+            "redis_commands_per_entry": commands_per_entry(self),
             "runs": [asdict(run) for run in self.runs],
         }
 
 
+def commands_per_entry(outcome: Outcome) -> dict[str, dict[str, float]] | None:
+    """Redis commands per entry handled, by server and command (INFO commandstats, the
+    cluster scenario): over every good run of the step, so the mean of its runs."""
+    runs = [run for run in outcome.runs if "commands" in run.extra and not run.problems]
+    if not runs or not outcome.step.count:
+        return None
+    totals: dict[str, dict[str, int]] = {}
+    for run in runs:
+        for server, counts in run.extra["commands"].items():
+            mine = totals.setdefault(server, {})
+            for name, calls in counts.items():
+                mine[name] = mine.get(name, 0) + calls
+    entries = len(runs) * outcome.step.count
+    return {
+        server: {
+            name: calls / entries
+            for name, calls in sorted(counts.items(), key=lambda item: -item[1])
+        }
+        for server, counts in totals.items()
+    }
+
+
+def describe_idle(idle: dict[str, Any]) -> str:
+    """The idle consumer's XREADGROUP calls per second and connections, by server."""
+    reads = {
+        server: rates.get("xreadgroup", 0.0) for server, rates in idle["commands_per_s"].items()
+    }
+    connections = idle["connections"]
+    return (
+        f"XREADGROUP {sum(reads.values()):.1f}/s ("
+        + ", ".join(f"{server} {rate:.1f}" for server, rate in reads.items())
+        + f"), {sum(connections.values())} connections ("
+        + ", ".join(f"{server} {n}" for server, n in connections.items())
+        + ")"
+    )
+
+
 def describe_run(run: Run) -> str:
+    if "idle" in run.extra:
+        return describe_idle(run.extra["idle"])
     if "p99_ms" in run.extra:
         return (
             f"p50 {run.extra['p50_ms']:.2f} ms, p99 {run.extra['p99_ms']:.2f} ms, "
@@ -94,4 +134,8 @@ def describe(outcome: Outcome) -> str:
         text = last
     if outcome.peak_rss_mb is not None and "rss" not in outcome.runs[-1].extra:
         text += f", peak RSS {outcome.peak_rss_mb:.0f} MB"
+    commands = commands_per_entry(outcome)
+    if commands is not None:
+        total = sum(sum(counts.values()) for counts in commands.values())
+        text += f", {total:.4f} Redis commands per entry"
     return text

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import redis
 
+from asyncstreams import AsyncstreamsError
+
 from . import env, report
 from .config import Config
 from .procs import ChildError
@@ -57,7 +59,7 @@ def run_case(steps: list[Step], store: Store) -> list[Outcome]:
                 continue
             try:
                 run = step.run(store, datasets.get(step.key))
-            except (ChildError, redis.RedisError, OSError) as exc:
+            except (ChildError, AsyncstreamsError, redis.RedisError, OSError) as exc:
                 run = Run(problems=[str(exc)])
             outcome.runs.append(run)
             if run.problems:
@@ -84,7 +86,10 @@ def run_suite(config: Config) -> int:
         store = Store(url)
         versions["redis-server"] = store.server_version()
         say(f"redis-server {versions['redis-server']} ({where})")
-        say(f"{len(steps)} steps, {config.repeat} repeat(s) each (latency and memory: 1)")
+        say(
+            f"{len(steps)} steps, {config.repeat} repeat(s) each "
+            "(latency, memory and the idle cluster consumer: 1)"
+        )
         try:
             scenario = None
             for (name, case), group in itertools.groupby(steps, lambda s: (s.scenario, s.case)):

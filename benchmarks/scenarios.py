@@ -15,6 +15,7 @@ from typing import Literal
 
 from asyncstreams import App
 
+from . import cluster as cluster_steps
 from . import steps
 from .config import Config
 from .impls import asyncstreams_impl
@@ -28,7 +29,8 @@ RunStep = Callable[[Store, DataSet | None], Run]
 INLINE = "baseline: inline loop (XREADGROUP COUNT 500, handler inline, one XACK per batch)"
 TASKS = "baseline: task per message, {n} in flight, acks batched"
 FASTSTREAM = "FastStream StreamSub with a group, defaults"
-FASTSTREAM_BATCH = "FastStream StreamSub batch=True, max_records=500"
+MAX_RECORDS = 500  # FastStream's batch subscribers (benchmarks/impls/faststream_impl.py)
+FASTSTREAM_BATCH = f"FastStream StreamSub batch=True, max_records={MAX_RECORDS}"
 # The defaults the "asyncstreams (defaults: ...)" row runs with, from the public signature.
 _CONSUMER_DEFAULTS = inspect.signature(App.consumer).parameters
 DEFAULT_CONCURRENCY = _CONSUMER_DEFAULTS["concurrency"].default
@@ -61,6 +63,17 @@ class Step:
 def _faststream_missing() -> str | None:
     if importlib.util.find_spec("faststream") is None:
         return 'faststream is not installed (pip install "faststream[redis]")'
+    return None
+
+
+def _faststream_cluster_missing() -> str | None:
+    missing = _faststream_missing()
+    if missing is not None:
+        return missing
+    import faststream.redis
+
+    if not hasattr(faststream.redis, "RedisClusterBroker"):
+        return f"faststream {faststream.__version__} has no RedisClusterBroker"
     return None
 
 
@@ -256,6 +269,35 @@ def memory(config: Config) -> list[Step]:
     ]  # fmt: skip
 
 
+def cluster(config: Config) -> list[Step]:
+    entries, size, n = config.cluster_entries, config.entry_size, config.cluster_partitions
+
+    def run(where: cluster_steps.Where, impl: Impl = "asyncstreams") -> RunStep:
+        return lambda store, _: cluster_steps.drain(
+            store, where=where, impl=impl, entries=entries, size=size, partitions=n
+        )
+
+    def idle(store: Store, _: DataSet | None) -> Run:
+        return cluster_steps.idle(store, partitions=n, seconds=config.cluster_idle_seconds)
+
+    row = partial(Step, "cluster", f"no-op drain of {entries:,}", repeat=config.repeat,
+                  entries=entries)  # fmt: skip
+    return [
+        row("one-server", "asyncstreams, one server: 3 streams, one handler", "asyncstreams",
+            run("one-server")),
+        row("cluster", "asyncstreams, 3-master cluster: a stream per master, one handler",
+            "asyncstreams", run("cluster")),
+        row("partitioned", f"asyncstreams, 3-master cluster: Partitioned(name, {n})",
+            "asyncstreams", run("partitioned")),
+        row("faststream", f"FastStream RedisClusterBroker: a StreamSub per stream, batch=True, "
+            f"max_records={MAX_RECORDS} (the 3 streams of the cluster)", "faststream",
+            run("cluster", "faststream-cluster"), ref="cluster",
+            skip=_faststream_cluster_missing()),
+        Step("cluster", f"idle Partitioned(name, {n}) consumer", "idle",
+             "asyncstreams, nothing arriving", "asyncstreams", idle),
+    ]  # fmt: skip
+
+
 def _size_label(size: int) -> str:
     return f"{size // 1000} KB" if size >= 1000 else f"{size} B"
 
@@ -268,6 +310,7 @@ PLANS: dict[str, Callable[[Config], list[Step]]] = {
     "workers": workers,
     "payload": payload,
     "memory": memory,
+    "cluster": cluster,
 }
 
 

@@ -11,12 +11,15 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 import redis
 
 from .payload import xadd_args
+
+if TYPE_CHECKING:
+    from .cluster import Lab
 
 FILL_CHUNK = 1_000
 
@@ -49,6 +52,7 @@ class Store:
         self._counter = itertools.count(1)
         self._keys: set[str] = set()
         self._datasets: dict[tuple[int, int], DataSet] = {}
+        self._lab: Lab | None = None
 
     def name(self, what: str) -> str:
         """A fresh key name (remembered, so it is deleted at the end)."""
@@ -75,25 +79,28 @@ class Store:
         return self._datasets[key]
 
     def fill(self, stream: str, start: int, stop: int, size: int) -> str:
-        """XADD entries `start..stop-1` in pipelines of 1,000 packed by hiredis; the last id."""
-        connection = self.client.connection_pool.get_connection()
-        last_id = ""
-        try:
-            for first in range(start, stop, FILL_CHUNK):
-                seqs = range(first, min(stop, first + FILL_CHUNK))
-                now = time.time()
-                packed = b"".join(pack(xadd_args(stream, seq, size, now)) for seq in seqs)
-                connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
-                for _ in seqs:
-                    last_id = _text(connection.read_response()) or ""
-        finally:
-            self.client.connection_pool.release(connection)
-        return last_id
+        """XADD entries `start..stop-1` (see `fill`); the last id."""
+        return fill(self.client, stream, start, stop, size)
 
     def drop_datasets(self) -> None:
         for dataset in self._datasets.values():
             self.delete(dataset.stream)
         self._datasets.clear()
+        self.close_lab()
+
+    def lab(self) -> Lab:
+        """The cluster scenario's own servers and data sets (see cluster.py), started on
+        first use and stopped with the scenario's data sets."""
+        if self._lab is None:
+            from .cluster import Lab
+
+            self._lab = Lab(self.prefix)
+        return self._lab
+
+    def close_lab(self) -> None:
+        lab, self._lab = self._lab, None
+        if lab is not None:
+            lab.close()
 
     def delete(self, *keys: str) -> None:
         if keys:
@@ -101,9 +108,12 @@ class Store:
         self._keys.difference_update(keys)
 
     def delete_all(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            self.delete(*self._keys)
-        self._datasets.clear()
+        try:
+            with contextlib.suppress(redis.RedisError):
+                self.delete(*self._keys)
+            self._datasets.clear()
+        finally:
+            self.close_lab()
 
     # -- groups ------------------------------------------------------------------------
 
@@ -115,25 +125,52 @@ class Store:
             self.client.xgroup_destroy(stream, group)
 
     def group_info(self, stream: str, group: str) -> dict[str, Any]:
-        for info in self.client.xinfo_groups(stream):
-            if _text(info["name"]) == group:
-                return dict(info)
-        raise LookupError(f"no group {group!r} on {stream}")
+        return group_info(self.client, stream, group)
 
     def drained(self, stream: str, group: str, last_id: str) -> bool:
         info = self.group_info(stream, group)
         return info["pending"] == 0 and _text(info["last-delivered-id"]) == last_id
 
     def check_group(self, stream: str, group: str, last_id: str, entries: int) -> list[str]:
-        """What is wrong with the group after a run that should have handled everything."""
-        info = self.group_info(stream, group)
-        problems = []
-        if info["pending"]:
-            problems.append(f"{info['pending']} entries still pending (XPENDING)")
-        delivered = _text(info["last-delivered-id"])
-        if delivered != last_id:
-            problems.append(f"group last-delivered-id {delivered} != stream last id {last_id}")
-        read = info.get("entries-read")  # Redis 7 and later
-        if read is not None and read != entries:
-            problems.append(f"group entries-read {read} != {entries}")
-        return problems
+        return check_group(self.client, stream, group, last_id, entries)
+
+
+def fill(client: redis.Redis, stream: str, start: int, stop: int, size: int) -> str:
+    """XADD entries `start..stop-1` in pipelines of 1,000 packed by hiredis; the last id."""
+    connection = client.connection_pool.get_connection()
+    last_id = ""
+    try:
+        for first in range(start, stop, FILL_CHUNK):
+            seqs = range(first, min(stop, first + FILL_CHUNK))
+            now = time.time()
+            packed = b"".join(pack(xadd_args(stream, seq, size, now)) for seq in seqs)
+            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+            for _ in seqs:
+                last_id = _text(connection.read_response()) or ""
+    finally:
+        client.connection_pool.release(connection)
+    return last_id
+
+
+def group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:
+    for info in client.xinfo_groups(stream):
+        if _text(info["name"]) == group:
+            return dict(info)
+    raise LookupError(f"no group {group!r} on {stream}")
+
+
+def check_group(
+    client: redis.Redis, stream: str, group: str, last_id: str, entries: int
+) -> list[str]:
+    """What is wrong with the group after a run that should have handled everything."""
+    info = group_info(client, stream, group)
+    problems = []
+    if info["pending"]:
+        problems.append(f"{info['pending']} entries still pending (XPENDING)")
+    delivered = _text(info["last-delivered-id"])
+    if delivered != last_id:
+        problems.append(f"group last-delivered-id {delivered} != stream last id {last_id}")
+    read = info.get("entries-read")  # Redis 7 and later
+    if read is not None and read != entries:
+        problems.append(f"group entries-read {read} != {entries}")
+    return problems

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .results import Outcome
+from .results import Outcome, commands_per_entry
 
 RSS_LIMIT_MB = 60.0
 FLAT_GROWTH_MB = 5.0
+CLUSTER_RATE_SHARE = 0.7  # a cluster drain against the one-server drain of the same run
+CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's within 10% of one server's
+CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
+CLUSTER_CASES = (("cluster", "a stream per master"), ("partitioned", "Partitioned"))
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def _why_missing(*outcomes: Outcome | None) -> str:
 
 
 def _ratio(
-    name: str, look: _Lookup, scenario: str, case: str, a: str, b: str, at_least: float
+    name: str, look: _Lookup, scenario: str, case: str | None, a: str, b: str, at_least: float
 ) -> Target:
     top, bottom = look.rate(scenario, case, a), look.rate(scenario, case, b)
     if top is None or bottom is None:
@@ -77,7 +81,59 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
     targets.append(_workers_target(look))
     targets.append(_rss_target(look))
     targets.append(_memory_target(look))
+    targets += _cluster_targets(look)
     return targets
+
+
+def _cluster_targets(look: _Lookup) -> list[Target]:
+    targets = [
+        _ratio(f"cluster drain ({what}) ≥ {CLUSTER_RATE_SHARE}x one server (3 streams)",
+               look, "cluster", None, key, "one-server", CLUSTER_RATE_SHARE)
+        for key, what in CLUSTER_CASES
+    ]  # fmt: skip
+    one = look.get("cluster", None, "one-server")
+    base = commands_per_entry(one) if one is not None else None
+    for key, what in CLUSTER_CASES:
+        name = (
+            f"cluster ({what}): Redis commands per entry within "
+            f"{CLUSTER_COMMANDS_SLACK:.0%} of one server's"
+        )
+        outcome = look.get("cluster", None, key)
+        counts = commands_per_entry(outcome) if outcome is not None else None
+        if base is None or counts is None:
+            targets.append(Target(name, _why_missing(one, outcome), None))
+            continue
+        mine, theirs = _total(counts), _total(base)
+        ratio = mine / theirs
+        targets.append(
+            Target(
+                name,
+                f"{ratio:.2f}x ({mine:.4f} vs {theirs:.4f})",
+                abs(ratio - 1) <= CLUSTER_COMMANDS_SLACK,
+            )
+        )
+    targets.append(_balance_target(look))
+    return targets
+
+
+def _total(counts: dict[str, dict[str, float]]) -> float:
+    return sum(sum(by_command.values()) for by_command in counts.values())
+
+
+def _balance_target(look: _Lookup) -> Target:
+    name = f"cluster (Partitioned): no master above {CLUSTER_BALANCE}x the mean commands per master"
+    outcome = look.get("cluster", None, "partitioned")
+    counts = commands_per_entry(outcome) if outcome is not None else None
+    if counts is None:
+        return Target(name, _why_missing(outcome), None)
+    per_master = {server: sum(by_command.values()) for server, by_command in counts.items()}
+    mean = sum(per_master.values()) / len(per_master)
+    busiest = max(per_master, key=lambda server: per_master[server])
+    if not mean:
+        return Target(name, "no commands counted", None)
+    share = per_master[busiest] / mean
+    shares = ", ".join(f"{server} {value / mean:.2f}" for server, value in per_master.items())
+    return Target(name, f"{busiest}: {share:.2f}x the mean ({shares})", share <= CLUSTER_BALANCE)
 
 
 def _io_target(look: _Lookup) -> Target:
