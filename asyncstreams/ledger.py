@@ -177,8 +177,11 @@ class Ledger:
         return kept
 
     def read_ended(self, kept: int) -> None:
-        """Its reply is in (and delivered first, with no await between), or it failed."""
+        """Its reply is in (and delivered first, with no await between), or it failed. The
+        room it kept is free again: a reader waiting for room (one of several, on a
+        cluster) may read now."""
         self._reading -= kept
+        self.wake_reader()
 
     async def wait_for_room(self, streams: int | None = None) -> None:
         """Wait until `read_count(streams)` is above 0, or the ledger is closed."""

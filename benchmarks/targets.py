@@ -9,7 +9,7 @@ from .results import Outcome, commands_per_entry
 RSS_LIMIT_MB = 60.0
 FLAT_GROWTH_MB = 5.0
 CLUSTER_RATE_SHARE = 0.7  # a cluster drain against the one-server drain of the same run
-CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's within 10% of one server's
+CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's at most 10% above one server's
 CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
 CLUSTER_CASES = (("cluster", "a stream per master"), ("partitioned", "Partitioned"))
 
@@ -95,8 +95,8 @@ def _cluster_targets(look: _Lookup) -> list[Target]:
     base = commands_per_entry(one) if one is not None else None
     for key, what in CLUSTER_CASES:
         name = (
-            f"cluster ({what}): Redis commands per entry within "
-            f"{CLUSTER_COMMANDS_SLACK:.0%} of one server's"
+            f"cluster ({what}): Redis commands per entry at most "
+            f"{1 + CLUSTER_COMMANDS_SLACK:.1f}x one server's"
         )
         outcome = look.get("cluster", None, key)
         counts = commands_per_entry(outcome) if outcome is not None else None
@@ -109,7 +109,9 @@ def _cluster_targets(look: _Lookup) -> list[Target]:
             Target(
                 name,
                 f"{ratio:.2f}x ({mine:.4f} vs {theirs:.4f})",
-                abs(ratio - 1) <= CLUSTER_COMMANDS_SLACK,
+                # Fewer is better: one master's acks go alone, where one server gets an
+                # XACK per stream in each flush.
+                ratio <= 1 + CLUSTER_COMMANDS_SLACK,
             )
         )
     targets.append(_balance_target(look))
