@@ -30,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .apps import ledger
+
+# The checks and the producer work with one server's client or a Redis Cluster's (which
+# routes each command by its key's slot, following MOVED and ASK).
+Client = redis.Redis | RedisCluster
 
 # Worker output that means a bug whatever the test: asyncio's complaints about tasks and
 # coroutines, and ResourceWarnings about sockets and transports left open.
@@ -47,37 +52,49 @@ FORBIDDEN_OUTPUT = (
 # -- the producer ------------------------------------------------------------------------
 
 
-def next_id(last: tuple[int, int]) -> tuple[int, int]:
-    """An entry id after `last`: the clock's millisecond, or `last`'s with the next sequence."""
+def next_id(last: tuple[int, int], lane: int = 0, lanes: int = 1) -> tuple[int, int]:
+    """An entry id after `last`: the clock's millisecond, or `last`'s with the next sequence.
+
+    The sequence numbers are those of `lane` of `lanes` (lane + k * lanes), so that producers
+    of different streams, each in a lane of its own, never write the same id."""
     now = int(time.time() * 1000)
-    return (now, 0) if now > last[0] else (last[0], last[1] + 1)
+    return (now, lane) if now > last[0] else (last[0], last[1] + lanes)
 
 
 class Producer:
     """XADDs `count` entries to `stream`, one every `interval` seconds, from a thread.
 
     Connection errors and timeouts (Redis restarting, paused, its connections killed) are
-    ridden out until `timeout` seconds after the start: the same id is sent again, so a
-    write whose reply was lost is never written twice. `produced` maps each id written to
-    the time its XADD was answered.
+    ridden out until `timeout` seconds after the start, and so are the errors in `retry_on`
+    (a cluster failing over: CLUSTERDOWN, TRYAGAIN): the same id is sent again, so a write
+    whose reply was lost is never written twice. `produced` maps each id written to the
+    time its XADD was answered. Producers of several streams of one test take a `lane`
+    each (of `lanes`): their ids differ, as the checks need (they go by id alone).
     """
 
     def __init__(
         self,
-        connect: Callable[[], redis.Redis],
+        connect: Callable[[], Client],
         stream: str,
         *,
         count: int,
         interval: float,
         timeout: float = 60.0,
         fields: Callable[[int], Mapping[str, str | bytes]] = lambda n: {"n": str(n)},
+        retry_on: tuple[type[Exception], ...] = (),
+        lane: int = 0,
+        lanes: int = 1,
     ) -> None:
+        if not 0 <= lane < lanes:
+            raise ValueError(f"expected 0 <= lane < lanes, got lane={lane}, lanes={lanes}")
         self._connect = connect
         self.stream = stream
         self.count = count
         self.interval = interval
         self.timeout = timeout
         self._fields = fields
+        self._retry_on = retry_on
+        self._lanes = (lane, lanes)
         self.produced: dict[str, float] = {}
         self.retries = 0
         self.error: BaseException | None = None
@@ -114,7 +131,7 @@ class Producer:
             for n in range(self.count):
                 if self._stop.is_set():
                     return
-                last = next_id(last)
+                last = next_id(last, *self._lanes)
                 entry_id = f"{last[0]}-{last[1]}"
                 self._write(client, entry_id, self._fields(n), deadline)
                 self.produced[entry_id] = time.time()
@@ -125,7 +142,7 @@ class Producer:
             client.close()
 
     def _write(
-        self, client: redis.Redis, entry_id: str, fields: Mapping[str, str | bytes], deadline: float
+        self, client: Client, entry_id: str, fields: Mapping[str, str | bytes], deadline: float
     ) -> None:
         while True:
             try:
@@ -134,16 +151,20 @@ class Producer:
             except redis.ResponseError as exc:
                 if "equal or smaller" in str(exc):
                     return  # the first attempt landed; its reply was lost
-                raise
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
-                if time.monotonic() > deadline or self._stop.is_set():
+                if not isinstance(exc, self._retry_on) or self._give_up(deadline):
                     raise
-                self.retries += 1
-                self._stop.wait(0.05)
+            except (redis.ConnectionError, redis.TimeoutError, OSError, *self._retry_on):
+                if self._give_up(deadline):
+                    raise
+            self.retries += 1
+            self._stop.wait(0.05)
+
+    def _give_up(self, deadline: float) -> bool:
+        return time.monotonic() > deadline or self._stop.is_set()
 
 
 def produce_now(
-    client: redis.Redis, stream: str, payloads: Sequence[Mapping[str, str | bytes]]
+    client: Client, stream: str, payloads: Sequence[Mapping[str, str | bytes]]
 ) -> dict[str, float]:
     """XADD `payloads` in one pipeline (no fault around); returns {id: time written}."""
     with client.pipeline(transaction=False) as pipe:
@@ -211,7 +232,7 @@ class DeadLetter:
     time: float
 
 
-def read_dead_letters(client: redis.Redis, stream: str) -> list[DeadLetter]:
+def read_dead_letters(client: Client, stream: str) -> list[DeadLetter]:
     letters = []
     for _, fields in client.xrange(f"{stream}:dead-letter"):
         meta = {_text(k): _text(v) for k, v in fields.items() if _text(k).startswith("!dlq:")}
@@ -322,7 +343,7 @@ class Result:
 
 
 def check(
-    client: redis.Redis,
+    client: Client,
     history: History,
     *,
     max_duplicates: int,
@@ -450,7 +471,7 @@ def _check_dead_letters(
     return problems
 
 
-def _pending_ids(client: redis.Redis, stream: str, group: str) -> set[str]:
+def _pending_ids(client: Client, stream: str, group: str) -> set[str]:
     """The ids in the group's pending entries list (all of them: these are small tests)."""
     try:
         reply = client.xpending_range(stream, group, "-", "+", 100_000)
