@@ -742,6 +742,27 @@ async def test_wait_for_room_returns_once_an_ack_frees_room() -> None:
     assert ledger.read_count() == 3
 
 
+async def test_an_empty_read_of_one_reader_wakes_another_waiting_for_room() -> None:
+    """Several readers (one per hash slot, on a cluster) share the room: one waits while
+    another's read keeps it; that read coming back empty wakes the one waiting."""
+    streams = [f"p{n}" for n in range(3)]
+    ledger = Ledger(streams, limit=2 + 4, batch_size=4, max_memory_bytes=1 << 20)
+    ledger.delivered([make("p0", 0)])  # known entry size: reads take whole batches
+    ledger.finished_many(ledger.start_many(1))
+    ledger.acked(*ledger.take_acks())
+    kept = ledger.read_started(ledger.read_count(1), 1)  # reader of p1: 4 of the 6
+    ledger.delivered([make("p2", 1), make("p2", 2)])  # reader of p2: the other 2
+    ledger.start_many(2)
+    assert ledger.read_count(1) == 0
+    waiting = asyncio.ensure_future(ledger.wait_for_room(1))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    ledger.read_ended(kept)  # p1's read: nothing there
+    with anyio.fail_after(1):
+        await waiting
+    assert ledger.read_count(1) == 4
+
+
 @pytest.mark.parametrize("how", ["retry", "move later", "dead-letter"])
 async def test_a_failed_entry_that_frees_memory_wakes_the_reader(how: str) -> None:
     ledger = Ledger(["s"], limit=10 + 10, batch_size=10, max_memory_bytes=1_000)
