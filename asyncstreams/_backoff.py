@@ -37,7 +37,7 @@ class Outage:
     and its recovery, so an outage is logged once whichever of them meets it."""
 
     def __init__(
-        self, logger: logging.Logger, where: str, regroup: Callable[[], Awaitable[None]]
+        self, logger: logging.Logger, where: str, regroup: Callable[[], Awaitable[int]]
     ) -> None:
         self._log = logger
         self._where = where
@@ -65,18 +65,29 @@ class Outage:
     async def recover(self, exc: Exception, backoff: Backoff) -> None:
         """Get over `exc` (recreate the group, or wait a backoff), or raise it."""
         if is_group_gone(exc):
-            self._log.warning(
-                "%s: the stream or group is gone (%s); recreating it", self._where, exc
-            )
             try:
-                await self._regroup()
-                return
+                created = await self._regroup()
             except Exception as again:
+                self._gone(exc)
                 exc = again
+            else:
+                if created:
+                    self._gone(exc)
+                else:
+                    # Nothing was gone: the key moved (a resharding's MIGRATE deletes it on
+                    # the old master, which ends the reads blocked on it), or someone else
+                    # recreated it first.
+                    self._log.info(
+                        "%s: a read ended (%s); the stream and group are there", self._where, exc
+                    )
+                return
         if not is_transient(exc):
             raise exc
         self.begin(exc)
         await asyncio.sleep(backoff.next_delay())
+
+    def _gone(self, exc: BaseException) -> None:
+        self._log.warning("%s: the stream or group is gone (%s); recreating it", self._where, exc)
 
     def begin(self, exc: BaseException) -> None:
         if self._since is None:

@@ -77,6 +77,8 @@ class Nodes:
         # On a cluster: the client of the master of each slot; None on one server.
         self._slots: list[Redis] | None = None
         self._clients: dict[tuple[str, int], Redis] = {}
+        # The map as CLUSTER SLOTS last gave it (MOVED replies patch `_slots`, not this).
+        self._last_read: list[Redis] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
 
@@ -302,10 +304,13 @@ class Nodes:
                     "without a master; expected every slot assigned (CLUSTER ADDSLOTS)"
                 )
             self._refresh_soon()
-        changed = self._slots is not None and sum(
-            a is not b for a, b in zip(self._slots, slots, strict=True)
+        # Compared with the map as last read, not as MOVED replies have patched it since:
+        # a slot whose move a MOVED reply told of first has a new master all the same.
+        last_read, self._last_read = self._last_read, slots  # type: ignore[assignment]
+        changed = last_read is not None and sum(
+            a is not b for a, b in zip(last_read, slots, strict=True)
         )
-        self._slots = slots  # type: ignore[assignment]  # no None left: checked above
+        self._slots = list(slots)  # type: ignore[arg-type]  # no None left: checked above
         if changed:
             log.info(
                 "Redis Cluster: %d hash slots have a new master (map read from %s)",
@@ -340,16 +345,23 @@ class Nodes:
         self._clients.clear()
 
 
-async def _send(pool: ConnectionPool, commands: Sequence[bytes], asking: bool) -> list[Any]:
+async def _send(
+    pool: ConnectionPool,
+    commands: Sequence[bytes],
+    asking: bool,
+    timeout: float = SOCKET_TIMEOUT,
+) -> list[Any]:
     """Packed commands on one pooled connection; their replies, error replies in place.
-    `asking`: each after ASKING (which holds for one command)."""
+    `asking`: each after ASKING (which holds for one command). `timeout`: for all the
+    replies (a blocking read's is its BLOCK and more)."""
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
         if asking:
             packed = b"".join(_ASKING + command for command in commands)
-            return (await exchange(conn, packed, 2 * len(commands), raise_errors=False))[1::2]
+            replies = await exchange(conn, packed, 2 * len(commands), timeout, raise_errors=False)
+            return replies[1::2]
         packed = b"".join(commands)
-        return await exchange(conn, packed, len(commands), raise_errors=False)
+        return await exchange(conn, packed, len(commands), timeout, raise_errors=False)
     finally:
         await pool.release(conn)
 
@@ -444,7 +456,7 @@ class Link:
                 if replies != 1:
                     raise
                 target = self._nodes.client_at(exc.host, exc.port)
-                reply = (await _send(target.connection_pool, [packed], True))[0]
+                reply = (await _send(target.connection_pool, [packed], True, timeout))[0]
                 if isinstance(reply, ResponseError):
                     raise reply from None
                 return reply

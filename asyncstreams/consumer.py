@@ -190,19 +190,23 @@ class Consumer:
                 raise
             await self._outage.ride(self.ensure_groups)
 
-    async def ensure_groups(self) -> None:
-        """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine).
+    async def ensure_groups(self) -> int:
+        """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine);
+        returns how many were created.
 
         A group recreated after it was deleted starts after the last entry this consumer
         read, not at `start_id`: what was handled is not delivered again.
         """
         options = self.options
         last_ids = {k: v for reader in self._readers for k, v in reader.last_ids.items()}
+        created = 0
         for stream in options.names:
             last = last_ids.get(stream)
             start_id = last.decode() if last is not None else options.start_id
             if await _commands.ensure_group(self.nodes, stream, options.group, start_id):
                 log.info("created group %s on stream %s at %s", options.group, stream, start_id)
+                created += 1
+        return created
 
     # -- reading -----------------------------------------------------------------------
 

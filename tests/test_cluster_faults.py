@@ -1,6 +1,7 @@
 """Topology changes of a Redis Cluster under a consuming worker (`python -m asyncstreams run
-tests.apps.fault_app:app --url <a node of the cluster>`): the master of a busy stream killed
-and replaced by its replica, a master paused for longer than the socket timeout.
+tests.apps.fault_app:app --url <a node of the cluster>`): a slot holding a stream with a
+backlog resharded to another master, the master of a busy stream killed and replaced by its
+replica, a master paused for longer than the socket timeout.
 
 Each test starts a cluster of its own (it breaks nodes), of the suite's redis-server binary
 ($ASYNCSTREAMS_TEST_REDIS_SERVER), and records a history that tests/jepsen.py checks as in
@@ -9,12 +10,13 @@ left pending. Each prints one line and adds its result (lost, duplicates, the ti
 recover) to cluster-faults.json in pytest's base temporary directory.
 
 Streams are named with a hash tag (`{...}`), so that a stream's dead-letter stream
-(`{...}:dead-letter`, where the checks look for it) shares its slot.
+(`{...}:dead-letter`, where the checks look for it) shares its slot, and moves with it.
 Producers use redis-py's RedisCluster, which follows MOVED and ASK as the topology changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import defaultdict
@@ -27,30 +29,36 @@ from redis.cluster import ClusterNode as Seed
 from redis.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, ClusterError, TryAgainError
 
+from asyncstreams import _cluster_admin as admin
 from asyncstreams._slots import key_slot, slot_ranges
+from asyncstreams._transport import SOCKET_TIMEOUT
 from asyncstreams.embedded import ClusterNode, EmbeddedCluster
 
 from .apps import ledger
 from .capabilities import server_binary, server_version
 from .conftest import Names
-from .helpers import wait_for
-from .jepsen import FaultReport, Producer, Run
+from .helpers import blocked_reads, wait_for
+from .jepsen import FaultReport, Producer, Run, produce_now
 from .test_faults import OUTAGE_BEGINS, Faults, outage_lines, outage_seconds
 
 pytestmark = pytest.mark.slow
 
-# A worker's line when its slot map changed (a failover).
+# A worker's line when its slot map changed (a resharding, a failover).
 MAP_CHANGED = "hash slots have a new master"
-# cluster-node-timeout of the cluster that fails over: short, so a killed master is replaced
-# in a few seconds.
+# cluster-node-timeout of the clusters that reshard or fail over: short, so a killed master
+# is replaced in a few seconds.
 NODE_TIMEOUT_MS = 1000
 # ... and of the cluster whose master is paused: far longer than the pause, so no failover.
 PAUSE_NODE_TIMEOUT_MS = 30_000
 # Longer than the socket timeout.
 PAUSE_S = 7.0
+# block_ms of a read that blocks longer than the socket timeout.
+LONG_BLOCK_MS = int(SOCKET_TIMEOUT * 1000) + 500
 # What a producer rides out besides lost connections: a cluster failing over answers
 # CLUSTERDOWN or TRYAGAIN, and RedisCluster gives up following redirects with ClusterError.
 CLUSTER_ERRORS = (ClusterDownError, TryAgainError, ClusterError)
+# A stream entry the fault app cannot decode: dead-lettered on its first delivery.
+UNDECODABLE = {"n": "not-a-number"}
 
 
 def plain(n: int) -> dict[str, str]:
@@ -212,6 +220,144 @@ def longest_stall(runs: list[Run], stream: str, since: float, until: float) -> f
     starts = sorted(run.start for run in runs if run.stream == stream and since < run.start)
     marks = [since, *(start for start in starts if start < until), until]
     return max(later - earlier for earlier, later in itertools.pairwise(marks))
+
+
+# -- 1. live resharding of a slot with a backlog ----------------------------------------------
+
+
+def migrate_slot(
+    cluster: EmbeddedCluster,
+    slot: int,
+    source: ClusterNode,
+    target: ClusterNode,
+    *,
+    hold: Callable[[], object],
+) -> tuple[int, float]:
+    """Move `slot` from `source` to `target` as `redis-cli --cluster reshard` does: IMPORTING
+    on the target, MIGRATING on the source, MIGRATE of every key of the slot (CLUSTER
+    GETKEYSINSLOT: the stream and its dead-letter stream), then SETSLOT NODE on the target,
+    the source and the other masters. Between the last MIGRATE and SETSLOT NODE, while
+    `hold()` runs, the source answers ASK for the slot's keys. Returns how many keys moved
+    and when the last MIGRATE was done."""
+    nodes = [target, source, *(n for n in cluster.nodes if n not in (target, source))]
+    clients = {node.index: admin.connect(node.port) for node in nodes if node.running}
+    try:
+        src, dst = clients[source.index], clients[target.index]
+        admin.call(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        admin.call(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        moved = 0
+        while keys := admin.call(src, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            admin.call(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        migrated_at = time.time()
+        hold()
+        for client in clients.values():
+            admin.call(client, "CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+    finally:
+        for client in clients.values():
+            client.close()
+    return moved, migrated_at
+
+
+def test_live_resharding_of_a_slot_with_a_backlog(faults: ClusterFaults) -> None:
+    cluster = faults.start_cluster(3, node_timeout_ms=NODE_TIMEOUT_MS)
+    source, target = cluster.nodes[0], cluster.nodes[1]
+    stream = faults.stream_on(source.index, "moving")
+    slot = key_slot(stream)
+    # A backlog, with an undecodable entry in every hundred (dead-lettered at once, so the
+    # slot holds a dead-letter stream too when it moves).
+    payloads = [UNDECODABLE if n % 100 == 50 else {"n": str(n)} for n in range(2000)]
+    backlog = produce_now(faults.admin, stream, payloads)
+    poison = {i for i, p in zip(backlog, payloads, strict=True) if p is UNDECODABLE}
+    worker = faults.start_worker(streams=[stream], sleep=0.01)
+    producer = faults.produce(400, 0.01, stream=stream, fields=lambda n: {"n": str(10_000 + n)})
+    faults.wait_flowing(100)
+    faults.wait_until(
+        lambda: bool(faults.admin.exists(f"{stream}:dead-letter")), what="a dead letter"
+    )
+
+    fault_at = time.time()
+    left = len(backlog) - len(faults.handled())
+    keys, migrated_at = migrate_slot(cluster, slot, source, target, hold=lambda: time.sleep(1.0))
+    moved_at = time.time()
+    assert keys == 2  # the stream and its dead-letter stream
+    assert faults.serves(target, stream, seen_by=2)
+    produced = {**backlog, **producer.wait()}
+    faults.wait_drained([stream])
+    faults.assert_workers_alive()
+
+    runs = faults.runs()
+    # The consumer went on through ASK while the slot was half moved, and on the new owner
+    # after: it reads there now (its reader is blocked in XREADGROUP on the target).
+    during_ask = sum(1 for r in runs if migrated_at < r.start < moved_at - 0.1)
+    after = sum(1 for r in runs if r.start > moved_at)
+    with contextlib.closing(admin.connect(target.port)) as client:
+        wait_for(
+            lambda: bool(blocked_reads(client.client_list(), f"asyncstreams-{worker.pid}")),
+            what=f"the worker's XREADGROUP blocked on the target (port {target.port})",
+        )
+    output = worker.output()
+    faults.check(
+        produced,
+        fault_at=fault_at,
+        max_duplicates=0,
+        streams=[stream],
+        expected_dead=dict.fromkeys(poison, "undecodable"),
+        backlog_at_fault=left,
+        handled_during_ask=during_ask,
+        handled_after_move=after,
+        stall_s=round(longest_stall(runs, stream, fault_at, moved_at + 1.0), 3),
+        map_changed_lines=output.count(MAP_CHANGED),
+        outage_lines=list(outage_lines(output)),
+        producer_retries=producer.retries,
+    )
+    assert left > 500, "the backlog was drained before the slot moved"
+    assert during_ask > 0, "nothing handled while the source answered ASK"
+    assert after > 0
+    assert output.count(MAP_CHANGED) == 1, output
+
+
+def test_resharding_of_an_idle_stream_read_with_a_block_longer_than_the_socket_timeout(
+    faults: ClusterFaults,
+) -> None:
+    """A read of an idle stream blocks for block_ms; while its slot is half moved, the read
+    goes to the importing node by ASK: there too it may block that long (the read's own
+    timeout, not the 5 s socket timeout), and the resharding is no outage."""
+    cluster = faults.start_cluster(3, node_timeout_ms=NODE_TIMEOUT_MS)
+    source, target = cluster.nodes[0], cluster.nodes[1]
+    stream = faults.stream_on(source.index, "idle")
+    worker = faults.start_worker(streams=[stream], block_ms=LONG_BLOCK_MS)
+    reader = f"asyncstreams-{worker.pid}"
+    before = produce_now(faults.admin, stream, [plain(n) for n in range(20)])
+    faults.wait_drained([stream])
+
+    def reading_on(node: ClusterNode) -> bool:
+        with contextlib.closing(admin.connect(node.port)) as client:
+            return bool(blocked_reads(client.client_list(), reader))
+
+    def hold() -> None:
+        # Until the worker's read blocks on the target (after its read on the source ends:
+        # Redis 7 ends it when MIGRATE deletes the key there, 6.2 when BLOCK runs out), then
+        # past the socket timeout.
+        wait_for(lambda: reading_on(target), timeout=2 * LONG_BLOCK_MS / 1000, what="ASK read")
+        time.sleep(SOCKET_TIMEOUT + 0.5)
+
+    wait_for(lambda: reading_on(source), what="the worker's read blocked on the source")
+    fault_at = time.time()
+    migrate_slot(cluster, key_slot(stream), source, target, hold=hold)
+    after = produce_now(faults.admin, stream, [plain(n) for n in range(20, 40)])
+    faults.wait_drained([stream])
+    output = worker.output()
+    faults.check(
+        {**before, **after},
+        fault_at=fault_at,
+        max_duplicates=0,
+        streams=[stream],
+        outage_lines=list(outage_lines(output)),
+        warnings=output.count(" WARNING "),
+    )
+    assert OUTAGE_BEGINS not in output, output
+    assert " WARNING " not in output, output
 
 
 # -- 2. failover: the master of a busy stream killed ------------------------------------------
