@@ -37,11 +37,18 @@ class Outage:
     and its recovery, so an outage is logged once whichever of them meets it."""
 
     def __init__(
-        self, logger: logging.Logger, where: str, regroup: Callable[[], Awaitable[int]]
+        self,
+        logger: logging.Logger,
+        where: str,
+        regroup: Callable[[], Awaitable[int]],
+        moved: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._log = logger
         self._where = where
         self._regroup = regroup
+        # Returns when a cluster's slot map has changed: the wait ends early, the backoff
+        # starts over (the failed-over master's replica has taken over).
+        self._moved = moved
         self._since: float | None = None
 
     async def ride(self, step: Callable[[], Awaitable[T]]) -> T:
@@ -84,7 +91,16 @@ class Outage:
         if not is_transient(exc):
             raise exc
         self.begin(exc)
-        await asyncio.sleep(backoff.next_delay())
+        delay = backoff.next_delay()
+        if self._moved is None:
+            await asyncio.sleep(delay)
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await self._moved()
+        except TimeoutError:
+            return
+        backoff.reset()
 
     def _gone(self, exc: BaseException) -> None:
         self._log.warning("%s: the stream or group is gone (%s); recreating it", self._where, exc)

@@ -81,6 +81,7 @@ class Nodes:
         self._last_read: list[Redis] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        self._watchers: list[asyncio.Future[None]] = []
 
     @property
     def cluster(self) -> bool:
@@ -238,6 +239,17 @@ class Nodes:
 
     # -- the slot map ------------------------------------------------------------------
 
+    async def map_changed(self) -> None:
+        """Return once a read of the slot map finds a slot with a new master (never, on one
+        server): a command waiting out an outage may try the new master at once."""
+        watcher = asyncio.get_running_loop().create_future()
+        self._watchers.append(watcher)
+        try:
+            await watcher
+        finally:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
     def moved(self, exc: MovedError) -> Redis:
         """A MOVED reply: the slot's new owner, now and for every later command; the rest of
         the map is read again soon (a resharding moves more than one slot)."""
@@ -312,6 +324,10 @@ class Nodes:
         )
         self._slots = list(slots)  # type: ignore[arg-type]  # no None left: checked above
         if changed:
+            watchers, self._watchers = self._watchers, []
+            for watcher in watchers:
+                if not watcher.done():
+                    watcher.set_result(None)
             log.info(
                 "Redis Cluster: %d hash slots have a new master (map read from %s)",
                 changed,

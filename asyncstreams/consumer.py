@@ -73,7 +73,9 @@ class Consumer:
             batch_size=options.batch_size,
             max_memory_bytes=options.max_memory_bytes,
         )
-        self._outage = Outage(log, self.where, self.ensure_groups)
+        self._outage = Outage(
+            log, self.where, self.ensure_groups, nodes.map_changed if nodes.cluster else None
+        )
         # One reader per set of streams one XREADGROUP may name: all of them on one server,
         # those of each hash slot on a cluster.
         self._readers = [
