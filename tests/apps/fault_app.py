@@ -1,7 +1,8 @@
 """The app the fault-injection tests run: a ledger app with every delivery option.
 
-Configured by environment variables (FAULT_APP_*, all optional): the streams, group and
-ledger; concurrency, batch_size, block_ms; the delivery options claim_idle_ms, retry_delay,
+Configured by environment variables (FAULT_APP_*, all optional): the streams (or
+PARTITIONED, "name:count", for a `Partitioned` stream instead), group and ledger;
+concurrency, batch_size, block_ms; the delivery options claim_idle_ms, retry_delay,
 retry_max_delay, max_deliveries and max_payload_bytes ("none" for no limit),
 delete_idle_consumers_after ("none": never); the app's grace period; and SLEEP, how long a
 handler run takes.
@@ -26,7 +27,7 @@ import time
 
 import msgspec
 
-from asyncstreams import App, Message
+from asyncstreams import App, Message, Partitioned
 
 from .ledger import append
 
@@ -43,7 +44,11 @@ def _float_or_none(name: str, default: str) -> float | None:
     return None if text == "none" else float(text)
 
 
-STREAMS = env("FAULT_APP_STREAMS", "faults").split(",")
+PARTITIONED = env("FAULT_APP_PARTITIONED", "")
+STREAMS: list[str] | Partitioned = env("FAULT_APP_STREAMS", "faults").split(",")
+if PARTITIONED:
+    _name, _, _count = PARTITIONED.rpartition(":")
+    STREAMS = Partitioned(_name, int(_count))
 LEDGER = env("FAULT_APP_LEDGER", "fault-ledger.jsonl")
 SLEEP = float(env("FAULT_APP_SLEEP", "0"))
 
