@@ -46,7 +46,7 @@ from ._transport import (
     raw,
     reserve_connections,
 )
-from .errors import ConfigurationError
+from .errors import ConfigurationError, RedisRefusedError
 
 log = logging.getLogger("asyncstreams")
 
@@ -81,6 +81,9 @@ class Nodes:
         self._last_read: list[Redis] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        # Why the URL is taken for one server though it may not be: "cluster=False", or
+        # CLUSTER SLOTS refused by an ACL (its error); None when the server said so itself.
+        self.single_because: str | None = None
         self._watchers: list[asyncio.Future[None]] = []
 
     @property
@@ -124,6 +127,21 @@ class Nodes:
         if self._slots is None:
             return where
         return f"{where} (a Redis Cluster of {len(self.clients())} masters)"
+
+    def not_followed(self, exc: MovedError) -> ConfigurationError | RedisRefusedError:
+        """A MOVED reply while the URL is taken for one server: it is a node of a Redis
+        Cluster after all. Not an outage to ride out: it lasts until the configuration
+        changes."""
+        found = (
+            f"Redis at {describe(self.seed)} is a node of a Redis Cluster (it answered "
+            f"MOVED {exc.slot_id} {exc.host}:{exc.port}, so it is not one server)"
+        )
+        if self.single_because is None or self.single_because == "cluster=False":
+            return ConfigurationError(
+                f"{found}, but the app was told it is not one (cluster=False); expected "
+                "cluster=None or cluster=True"
+            )
+        return slots_refused(self.seed, self.single_because, found)
 
     # -- commands ----------------------------------------------------------------------
 
@@ -179,6 +197,8 @@ class Nodes:
                     raise outcome
                 for index, reply in zip(indexes, outcome, strict=True):
                     results[index] = reply
+                    if self._slots is None and isinstance(reply, MovedError):
+                        raise self.not_followed(reply)
                     if self._slots is None or redirects == MAX_REDIRECTS:
                         continue
                     if isinstance(reply, MovedError):
@@ -223,7 +243,9 @@ class Nodes:
             try:
                 return await call(client.connection_pool, asking)
             except MovedError as exc:
-                if self._slots is None or redirects == MAX_REDIRECTS:
+                if self._slots is None:
+                    raise self.not_followed(exc) from None
+                if redirects == MAX_REDIRECTS:
                     raise
                 client = self.moved(exc)
                 asking = False
@@ -375,11 +397,23 @@ async def _send(
         if asking:
             packed = b"".join(_ASKING + command for command in commands)
             replies = await exchange(conn, packed, 2 * len(commands), timeout, raise_errors=False)
+            for refused in replies[0::2]:
+                if isinstance(refused, ResponseError):
+                    raise refused  # ASKING itself (an ACL without +asking): say so
             return replies[1::2]
         packed = b"".join(commands)
         return await exchange(conn, packed, len(commands), timeout, raise_errors=False)
     finally:
         await pool.release(conn)
+
+
+def slots_refused(seed: Redis, why: str, found: str) -> RedisRefusedError:
+    """CLUSTER SLOTS refused by the ACL of the URL's user (`why`), where it is needed."""
+    user = seed.connection_pool.connection_kwargs.get("username") or "default"
+    return RedisRefusedError(
+        f"{found}: user {user!r} may not run CLUSTER SLOTS ({why}); expected +cluster|slots "
+        "in its ACL, so that asyncstreams finds the master of each stream"
+    )
 
 
 async def discover(seed: Redis, *, cluster: bool | None) -> Nodes:
@@ -388,12 +422,15 @@ async def discover(seed: Redis, *, cluster: bool | None) -> Nodes:
     mean one server), True to require a cluster, False to never ask."""
     nodes = Nodes(seed)
     if cluster is False:
+        nodes.single_because = "cluster=False"
         return nodes
     try:
         reply = await raw(seed, "CLUSTER", "SLOTS")
-    except NoPermissionError:
+    except NoPermissionError as exc:
         if cluster:
-            raise
+            raise slots_refused(seed, explain(exc), f"Redis at {describe(seed)}") from None
+        # One server, or a cluster whose first MOVED reply says so: see `not_followed`.
+        nodes.single_because = explain(exc)
         return nodes
     except ResponseError as exc:
         if cluster or "cluster support disabled" not in str(exc):
@@ -463,7 +500,9 @@ class Link:
                 conn = await self._connection()
                 return (await exchange(conn, packed, replies, timeout))[-1]
             except MovedError as exc:
-                if not self._nodes.cluster or redirects == MAX_REDIRECTS:
+                if not self._nodes.cluster:
+                    raise self._nodes.not_followed(exc) from None
+                if redirects == MAX_REDIRECTS:
                     raise
                 self._nodes.moved(exc)
             except AskError as exc:

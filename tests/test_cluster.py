@@ -46,6 +46,7 @@ from asyncstreams import (
     ConfigurationError,
     Message,
     Partitioned,
+    RedisRefusedError,
 )
 from asyncstreams._slots import SLOTS, key_slot
 from asyncstreams.embedded import EmbeddedCluster
@@ -865,6 +866,32 @@ async def test_least_privilege_acl_follows_a_slot_migration_with_asking(
     for trouble in ("NOPERM", "no permissions", "unavailable", "failed"):
         assert trouble not in text
     assert app.failure is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cluster_option", [None, True], ids=["cluster=None", "cluster=True"])
+async def test_an_acl_without_cluster_slots_is_refused_at_start(
+    cluster: EmbeddedCluster, cluster_option: bool | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's ACL as it is, on a cluster: without CLUSTER SLOTS the app cannot know
+    where the streams live. As with any missing permission, that is one RedisRefusedError at
+    start naming it, not a start that never ends (MOVED ridden out as an outage, forever)
+    and not a bare redis-py error."""
+    jobs = Partitioned(f"noslots-{uuid.uuid4().hex[:8]}", 3)
+    keys = " ".join(f"~{s} ~{s}:dead-letter" for s in jobs.streams)
+    rules = CLUSTER_ACL.replace(" +cluster|slots", "").replace("{keys}", keys)
+    caplog.set_level(logging.INFO, logger="asyncstreams")
+    async with acl_user(cluster, rules) as url:
+        app = App(url, cluster=cluster_option)
+
+        @app.consumer(jobs, group="g")
+        async def handle(fields: dict[str, str]) -> None:
+            raise AssertionError("no consumer may start")
+
+        with anyio.fail_after(5), pytest.raises(RedisRefusedError, match=r"cluster\|slots"):
+            async with app:
+                pass
+    assert "Redis is unavailable" not in logged(caplog)
 
 
 # -- 8. App(cluster=...) --------------------------------------------------------------------
