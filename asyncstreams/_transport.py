@@ -1,8 +1,10 @@
-"""How asyncstreams talks to Redis: the pool, held connections, packed exchanges, and what
-an error means (gone for good, or worth riding out).
+"""How asyncstreams talks to one Redis server: the pool, packed exchanges, and what an error
+means (gone for good, or worth riding out).
 
-Commands are packed by hiredis and their replies read undecoded; what the replies mean is
-_commands.py's business. Nothing above these two modules imports redis-py.
+Commands are packed by hiredis and their replies read undecoded; which server a key lives on
+is _nodes.py's business, what the replies mean _commands.py's. The runtime above those three
+imports nothing of redis-py but its exceptions (the CLI and the embedded servers' set-up use
+its client directly).
 """
 
 from __future__ import annotations

@@ -218,6 +218,7 @@ class App:
     def _own_connections(self) -> int:
         # Each consumer keeps two connections of its own on top of the shared ones: its
         # blocking reads and its acks never wait for one another or for a handler's command.
+        # (On a cluster, where it reads each hash slot apart, `serve` reserves the rest.)
         return 2 * len(self._registrations)
 
     @property
