@@ -9,7 +9,8 @@ Every command asyncstreams sends names the key it is about, and goes through `No
   owner; an ASK reply (a slot being migrated) sends it once to the node named, after
   ASKING. A lost connection or a failover (CLUSTERDOWN, TRYAGAIN, READONLY) re-reads the
   map in the background, at most every MAP_REFRESH_INTERVAL: the caller rides the error
-  out as an outage and finds the new owner when it tries again.
+  out as an outage and finds the new owner when it tries again, at once if it waits on
+  `map_changed`.
 
 A command is only sent again when Redis did not run it: MOVED and ASK replies say so.
 """
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, ConnectionPool
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 from redis.exceptions import (
     AskError,
     MovedError,
@@ -158,7 +159,7 @@ class Nodes:
         raised, and the caller rides it out as an outage: no command runs twice.)"""
 
         async def run(pool: ConnectionPool, asking: bool) -> list[Any]:
-            replies = await _send(pool, commands, asking)
+            replies = await send_on(pool, commands, asking)
             moved = [isinstance(reply, AskError) for reply in replies]
             if any(moved) and not all(moved):
                 raise TryAgainError(f"slot of {key!r} moved during a pipeline")
@@ -185,7 +186,7 @@ class Nodes:
                 groups.setdefault(place, []).append(index)
             outcomes = await asyncio.gather(
                 *(
-                    _send(client.connection_pool, [commands[i][1] for i in indexes], asking)
+                    send_on(client.connection_pool, [commands[i][1] for i in indexes], asking)
                     for (client, asking), indexes in groups.items()
                 ),
                 return_exceptions=True,
@@ -383,7 +384,7 @@ class Nodes:
         self._clients.clear()
 
 
-async def _send(
+async def send_on(
     pool: ConnectionPool,
     commands: Sequence[bytes],
     asking: bool,
@@ -444,85 +445,3 @@ async def discover(seed: Redis, *, cluster: bool | None) -> Nodes:
     nodes._apply(reply, describe(seed))
     log.info("Redis Cluster at %s: %d masters", describe(seed), len(nodes.clients()))
     return nodes
-
-
-class Link:
-    """A connection that one task keeps to itself for the commands it sends all the time,
-    to the server of `key` (on a cluster it follows the key's slot to its new owner).
-
-    Commands are packed by hiredis. A command that fails or is cancelled before its reply is
-    read drops the connection, so no unread reply is ever left on a connection that is used
-    again; the next call connects afresh. Error replies leave the connection clean.
-    """
-
-    def __init__(self, nodes: Nodes, key: str) -> None:
-        self._nodes = nodes
-        self._key = key
-        self._conn: AbstractConnection | None = None
-        self._pool: ConnectionPool | None = None
-        self.client_id: int | None = None
-        self.busy = False
-
-    @property
-    def client(self) -> Redis:
-        """The client of the server the link talks to now."""
-        return self._nodes.client(self._key)
-
-    async def _connection(self) -> AbstractConnection:
-        pool = self.client.connection_pool
-        conn = self._conn
-        if conn is not None and self._pool is pool and conn.is_connected:
-            return conn
-        if conn is None or self._pool is not pool:
-            await self.close()
-            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            self._pool = pool
-        else:
-            await conn.connect()  # type: ignore[no-untyped-call]
-        self.client_id = None
-        try:
-            await conn.send_command("CLIENT", "ID")
-            self.client_id = int(await conn.read_response())
-        except ResponseError:
-            pass  # no permission for CLIENT ID: see GroupReader.unblock
-        return conn
-
-    async def call(self, packed: bytes, timeout: float = SOCKET_TIMEOUT, replies: int = 1) -> Any:
-        """Send packed commands and return the last reply, undecoded.
-
-        `replies` is how many commands `packed` holds; every reply is read before the first
-        error reply is raised, so the connection stays clean. A MOVED reply sends them
-        again, to the slot's new owner; an ASK reply, once to the node named.
-        """
-        for redirects in range(MAX_REDIRECTS + 1):
-            self.busy = True
-            try:
-                conn = await self._connection()
-                return (await exchange(conn, packed, replies, timeout))[-1]
-            except MovedError as exc:
-                if not self._nodes.cluster:
-                    raise self._nodes.not_followed(exc) from None
-                if redirects == MAX_REDIRECTS:
-                    raise
-                self._nodes.moved(exc)
-            except AskError as exc:
-                if not self._nodes.cluster:
-                    raise
-                if replies != 1:
-                    raise
-                target = self._nodes.client_at(exc.host, exc.port)
-                reply = (await _send(target.connection_pool, [packed], True, timeout))[0]
-                if isinstance(reply, ResponseError):
-                    raise reply from None
-                return reply
-            except Exception as exc:
-                self._nodes.suspect(exc)
-                raise
-            finally:
-                self.busy = False
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and self._pool is not None:
-            await self._pool.release(conn)

@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from . import _commands, _transport, deadletter
+from . import _commands, _moves, _transport, deadletter
 from ._nodes import Nodes, discover
 from ._tasks import first_failure
 from .codec import HandlerPlan, encode_fields, plan_handler
@@ -344,7 +344,7 @@ class App:
             for entry_id, flat in page[: None if limit is None else limit - moved]:
                 entry = deadletter.parse(entry_id, flat, dead_letter)
                 original = list(chain.from_iterable(entry.fields.items()))
-                await _commands.move_back(
+                await _moves.move_back(
                     nodes, dead_letter, entry_id, flat, entry.letter.stream, original
                 )
                 moved += 1

@@ -60,7 +60,7 @@ class DeadLetter:
 
     def fields(self, original: list[bytes]) -> list[bytes | str]:
         """The dead-letter entry's flat field list: metadata first, then the original (as
-        the move to the dead-letter stream writes it, in _commands.py)."""
+        the move to the dead-letter stream writes it, in _moves.py)."""
         flat = self.metadata()
         for index in range(0, len(original), 2):
             name = original[index]

@@ -23,8 +23,8 @@ import random
 
 from . import _commands
 from ._backoff import Backoff
-from ._commands import Moved
 from ._logs import FailureLog
+from ._moves import Moved, move
 from ._nodes import Nodes
 from ._transport import explain
 from .deadletter import DeadLetter, Reason, dead_letter
@@ -248,7 +248,7 @@ class Failures:
         move any more (acked, claimed by another, or deleted from the stream)."""
         target = self._options.dead_letter_stream(letter.stream, cluster=self._nodes.cluster)
         assert target is not None
-        moved = await _commands.move(self._nodes, letter, target, self._consumer, flat)
+        moved = await move(self._nodes, letter, target, self._consumer, flat)
         self._move_backoff.reset()
         if moved is not Moved.MOVED:
             log.warning(
