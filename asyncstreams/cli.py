@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from . import _commands
+from . import __version__, _commands, describe
 from .app import App
 from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncstreams", description="Run Redis Streams consumers written with asyncstreams."
     )
+    parser.add_argument("--version", action="version", version=f"asyncstreams {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     runp = commands.add_parser("run", help="run the consumers of an app until SIGINT/SIGTERM")
     runp.add_argument("target", help='where the App is, as "module:attribute" (e.g. tasks:app)')
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="event loop: uvloop when installed (auto), or plain asyncio",
     )
+    describe.add_parser(commands)
     dlq = commands.add_parser(
         "dead-letters",
         help="list the entries of a dead-letter stream, or move them back (--replay)",
@@ -294,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dead-letters":
         return _dead_letters(args)
+    if args.command == "describe":
+        return describe.command(args, load=import_app)
     configure_logging(args.log_level)
     given = [
         flag
