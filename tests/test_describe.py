@@ -161,6 +161,20 @@ def test_the_example_app_as_json() -> None:
         }
     ]
 
+    # The README's trimmed sample of this output names only keys that are there.
+    readme = (ROOT / "README.md").read_text()
+    sample = readme.split(f"$ asyncstreams describe {EXAMPLE_APP}\n", 1)[1].split("\n$ ")[0]
+    assert set(re.findall(r'"(\w+)":', sample)) <= _keys(described)
+    assert '"describe": 1,' in sample
+
+
+def _keys(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {key for value in node.values() for key in _keys(value)}
+    if isinstance(node, list):
+        return {key for value in node for key in _keys(value)}
+    return set()
+
 
 def test_every_kind_of_consumer_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     described = describe(capsys, TEST_APP)
