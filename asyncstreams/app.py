@@ -133,6 +133,7 @@ class App:
         self._stop: anyio.Event | None = None
         self._stop_requested = False
         self._failure: BaseException | None = None
+        self._consumers: tuple[Consumer, ...] = ()
         self._background: asyncio.Task[None] | None = None
         self._host: asyncio.Task[Any] | None = None
         self._host_cancelled = False
@@ -220,6 +221,12 @@ class App:
         # blocking reads and its acks never wait for one another or for a handler's command.
         # (On a cluster, where it reads each hash slot apart, `serve` reserves the rest.)
         return 2 * len(self._registrations)
+
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """The consumers running now, one per handler (none unless running): what
+        `asyncstreams.testing` asks whether they still hold anything."""
+        return self._consumers
 
     @property
     def running(self) -> bool:
@@ -381,6 +388,7 @@ class App:
             consumers = await self._start(stop)
             if consumers is None:
                 return
+            self._consumers = tuple(consumers)
             async with self._lifespan(self), anyio.create_task_group() as tg:
                 for consumer in consumers:
                     await tg.start(self._run_consumer, consumer, stop)
@@ -396,6 +404,7 @@ class App:
         finally:
             self._stop = None
             self._stop_requested = False
+            self._consumers = ()
             with anyio.CancelScope(shield=True):
                 await self.aclose()
 
