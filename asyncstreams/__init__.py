@@ -1,11 +1,13 @@
 """asyncstreams: an asyncio microframework for Redis Streams consumers."""
 
+from ._trim import TrimResult
 from .app import App
 from .deadletter import DeadLetter, DeadLetterEntry
 from .errors import (
     AsyncstreamsError,
     ConfigurationError,
     DecodeError,
+    NotFoundError,
     RedisRefusedError,
     RedisUnavailableError,
 )
@@ -22,8 +24,10 @@ __all__ = [
     "DeadLetterEntry",
     "DecodeError",
     "Message",
+    "NotFoundError",
     "Partitioned",
     "RedisRefusedError",
     "RedisUnavailableError",
+    "TrimResult",
     "__version__",
 ]

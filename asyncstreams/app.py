@@ -20,7 +20,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from . import _commands, _moves, _transport, deadletter
+from . import _commands, _moves, _transport, _trim, deadletter
 from ._nodes import Nodes, discover
 from ._tasks import first_failure
 from .codec import HandlerPlan, encode_fields, plan_handler
@@ -357,6 +357,21 @@ class App:
                 moved += 1
             after = page[-1][0]
         return moved
+
+    async def trim(
+        self, stream: str, *, max_age: float | None = None, dry_run: bool = False
+    ) -> _trim.TrimResult:
+        """Remove the entries of `stream` that every group has read and acked: XTRIM MINID
+        to the lowest, over its groups, of each group's oldest pending entry and the first
+        entry after its last-delivered id. One script reads the groups and trims, so an
+        entry a consumer reads meanwhile is never removed before it is acked.
+
+        `max_age` (seconds) also removes entries older than that, read or not (the result's
+        `losing` names the groups that lose entries they have not acked). `dry_run` removes
+        nothing and says what would go. Raises NotFoundError for a stream that does not
+        exist or has no groups (nothing then says which entries are done with).
+        """
+        return await _trim.trim(await self.servers(), stream, max_age=max_age, dry_run=dry_run)
 
     # -- running -----------------------------------------------------------------------
 

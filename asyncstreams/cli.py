@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from . import __version__, _commands, describe
+from . import __version__, _commands, _ops_cli, describe
 from .app import App
 from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         '"fields": {the original fields}}; a byte that is not UTF-8 is a \\udc80-\\udcff '
         "escape (Python's surrogateescape)",
     )
+    _ops_cli.add_parsers(commands)
     return parser
 
 
@@ -296,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dead-letters":
         return _dead_letters(args)
+    if args.command in _ops_cli.COMMANDS:
+        return _ops_cli.command(args)
     if args.command == "describe":
         return describe.command(args, load=import_app)
     configure_logging(args.log_level)

@@ -22,3 +22,8 @@ class RedisUnavailableError(AsyncstreamsError):
 class RedisRefusedError(AsyncstreamsError):
     """Raised when Redis answers but refuses the app as it starts: a failed login, a missing
     ACL permission, or a read-only replica where the primary was expected."""
+
+
+class NotFoundError(AsyncstreamsError):
+    """Raised when a stream, group or consumer an operation names does not exist, or a key
+    is not a stream; and by `App.trim` for a stream without groups."""
