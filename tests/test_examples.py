@@ -191,3 +191,32 @@ def test_producer_publishes_tasks(redis_url: str, names: Names, sync_client: red
         assert fields["task_id"] == task_id
         assert fields["data"] == f"Process this data: {n}"
         assert started <= float(fields["created_at"]) <= time.time()
+
+
+def test_the_example_test_of_the_task_queue_passes_as_a_user_runs_it() -> None:
+    # examples/test_task_queue.py, the README's "Testing your handlers": pytest on that file
+    # alone, in a fresh process, where asyncstreams' pytest plugin loads by its entry point
+    # and the first TestApp starts the process's redis-server. Each test takes under a second.
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
+    options = ["-p", "no:cacheprovider", "-q", "-vv", "--durations=0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "examples/test_task_queue.py", *options],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout, done.stdout
+    calls = re.findall(r"^([\d.]+)s call +examples/test_task_queue\.py::", done.stdout, re.M)
+    assert len(calls) == 2, done.stdout
+    assert max(map(float, calls)) < 1.0, done.stdout
+
+
+def test_the_readme_shows_the_example_test_as_it_is() -> None:
+    source = (ROOT / "examples" / "test_task_queue.py").read_text()
+    code = source[source.index('"""', 3) + 4 :].lstrip("\n")
+    readme = (ROOT / "README.md").read_text()
+    assert f"```python\n{code}```\n" in readme
