@@ -676,6 +676,50 @@ def test_password_never_shown() -> None:
         assert SECRET not in line
 
 
+# The README's ACL for an operator's user (Operating it), on one server.
+OPS_ACL = (
+    "on >{password} ~* resetchannels -@all +client|setname +scan +type +time +xlen +xrange "
+    "+xinfo|stream +xinfo|groups +xinfo|consumers +xpending +eval +xtrim"
+)
+
+
+def test_the_readme_acl_runs_all_three(server: EmbeddedRedis) -> None:
+    readme = (ROOT / "README.md").read_text()
+    acl = OPS_ACL.format(password="PASSWORD")
+    assert " ".join(acl.split()) in " ".join(readme.split()), "README.md: the ops ACL"
+    client = redis.Redis.from_url(server.url, decode_responses=True, protocol=2)
+    with client:
+        ids = three_groups(client, "s")
+        client.xdel("s", ids[8])  # a lag Redis 7 does not give: counted by the script
+        client.execute_command("ACL", "SETUSER", "ops", *OPS_ACL.format(password=SECRET).split())
+    url = f"redis://ops:{SECRET}@127.0.0.1:{server.port}/0"
+
+    shown = run_cli("status", "--url", url, "--json")
+    listed = run_cli("pending", "s", "pending", "--url", url)
+    trimmed = run_cli("trim", "s", "--url", url, "--max-age", "1d")
+
+    assert [shown.returncode, listed.returncode, trimmed.returncode] == [0, 0, 0], (
+        shown,
+        listed,
+        trimmed,
+    )
+    assert [g["lag"] for g in json.loads(shown.stdout)[0]["groups"]] == [2, 0, 1]
+    assert trimmed.stdout.startswith("removed 5 entries of 's'")
+
+    # Without +xtrim: status and pending still work; trim is refused, in one line.
+    with redis.Redis.from_url(server.url, protocol=2) as client:
+        client.execute_command("ACL", "SETUSER", "ops", "-xtrim")
+    refused = run_cli("trim", "s", "--url", url)
+    assert (refused.returncode, refused.stdout) == (1, "")
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"asyncstreams: error: Redis at 127.0.0.1:{server.port}: "), line
+    assert "user 'ops' may not run a command of the trim script (" in line
+    assert line.endswith(
+        "expected +eval +type +xinfo|groups +xpending +xrange +xlen +time +xtrim in its ACL"
+    )
+    assert SECRET not in line
+
+
 # -- Redis Cluster -----------------------------------------------------------------------
 
 
@@ -727,6 +771,20 @@ def test_status_and_trim_on_a_cluster(clean_cluster: EmbeddedCluster) -> None:
         assert keep <= set(ids[5:])
         with pytest.raises(NotFoundError, match="has no consumer groups"):
             trim(clean_cluster.url, second)
+
+        # The README's ACL, plus +cluster|slots, on every master.
+        rules = [*OPS_ACL.format(password=SECRET).split(), "+cluster|slots"]
+        for row in clean_cluster.slot_map():
+            with redis.Redis(host="127.0.0.1", port=row.master, protocol=2) as node:
+                node.execute_command("ACL", "SETUSER", "ops", *rules)
+        url = f"redis://ops:{SECRET}@127.0.0.1:{urlsplit(clean_cluster.url).port}"
+        shown = run_cli("status", "--url", url, "--json")
+        assert shown.returncode == 0, shown
+        assert sorted(s["stream"] for s in json.loads(shown.stdout)) == sorted(found)
+        client.xack(first, "pending", ids[5])
+        trimmed = run_cli("trim", first, "--url", url)
+        assert trimmed.returncode == 0, trimmed
+        assert trimmed.stdout.startswith(f"removed 2 entries of {first!r} (XTRIM MINID {ids[7]})")
 
 
 # -- --watch -----------------------------------------------------------------------------
