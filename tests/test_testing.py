@@ -179,6 +179,13 @@ async def test_a_handler_failing_twice_then_succeeding_drains_within_a_second() 
         assert await t.dead_letters("orders") == []
 
 
+def test_every_public_name_of_the_testing_module_resolves() -> None:
+    import asyncstreams.testing
+
+    for name in asyncstreams.testing.__all__:
+        assert getattr(asyncstreams.testing, name) is not None, name
+
+
 def test_at_test_speed_changes_the_waits_and_nothing_else() -> None:
     options = ConsumerOptions("orders", group="billing")
     fast = at_test_speed(options)
