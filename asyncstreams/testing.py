@@ -128,6 +128,9 @@ class TestApp:
         app = self.app
         if self._saved is not None or app.running:
             raise RuntimeError("TestApp: this app is running already; expected one at a time")
+        # Entered again: what the handlers did is counted afresh.
+        self._observer = Observer(record=self._record)
+        self._handlers = {}
         url = self._url
         if url is None:
             self._database = _testserver.lend_database()
@@ -258,7 +261,8 @@ class TestApp:
         return [letter for letter in letters if letter.letter.stream == stream]
 
     def calls(self, handler: Handler) -> list[Call]:
-        """The calls of `handler` so far, in the order they started (`record=True`)."""
+        """The calls of `handler` in this block (or the last one), in the order they
+        started (`record=True`)."""
         if not self._record:
             raise ConfigurationError(
                 "calls: expected TestApp(app, record=True); calls are not recorded by default"

@@ -338,6 +338,23 @@ async def test_the_next_test_app_starts_on_an_empty_database() -> None:
     assert billed == ["o1"]
 
 
+async def test_a_test_app_entered_again_counts_afresh() -> None:
+    app, billed = orders_app()
+    bill = handler_of(app)
+    t = TestApp(app, record=True, raise_errors=True)
+    async with t:
+        await t.publish("orders", Order(id="flaky-1", amount=1))
+        with pytest.raises(ValueError, match="flaky 1"):
+            await t.drain()
+        await t.drain()
+    assert len(t.calls(bill)) == 3  # type: ignore[arg-type]
+    async with t:
+        await t.publish("orders", Order(id="o2", amount=2))
+        await t.drain()
+    assert [c.args[0].id for c in t.calls(bill)] == ["o2"]  # type: ignore[arg-type]
+    assert billed == ["flaky-1", "o2"]
+
+
 async def test_the_app_is_put_back_as_it_was() -> None:
     app, _ = orders_app()
     before = app.registrations
