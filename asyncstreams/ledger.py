@@ -381,8 +381,10 @@ class Ledger:
         back = {entry[1] for entry in claimed}
         self._release(stream, [entry_id for entry_id in asked if entry_id not in back])
         if claimed:
+            # Their sizes may lower the size reads are planned with: room for more.
             self._in_memory(claimed)
             self.queue.extend(claimed)
+            self.wake_reader()
 
     def moves(self) -> Iterator[tuple[str, bytes, DeadLetter]]:
         """Every entry waiting for its move: (stream, id, the dead letter it becomes)."""
