@@ -18,7 +18,7 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from ._link import Link
 from ._nodes import Nodes
-from ._transport import SOCKET_TIMEOUT, explain, is_transient, pack, raw
+from ._transport import SOCKET_TIMEOUT, explain, is_transient, pack
 from .errors import ConfigurationError, RedisUnavailableError
 from .message import Entry, entry
 
@@ -185,10 +185,9 @@ class GroupReader:
 
         Without permission for CLIENT ID or CLIENT UNBLOCK the read just runs out its BLOCK.
         """
-        client_id = self._link.client_id
-        if self.blocked and client_id is not None:
+        if self.blocked:
             with contextlib.suppress(RedisError, OSError):
-                await raw(self._link.client, "CLIENT", "UNBLOCK", client_id)
+                await self._link.unblock()
 
     async def close(self) -> None:
         await self._link.close()

@@ -9,7 +9,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import AskError, MovedError, ResponseError
 
 from ._nodes import MAX_REDIRECTS, Nodes, send_on
-from ._transport import SOCKET_TIMEOUT, Redis, exchange
+from ._transport import SOCKET_TIMEOUT, Redis, exchange, pack
 
 
 class Link:
@@ -28,6 +28,18 @@ class Link:
         self._pool: ConnectionPool | None = None
         self.client_id: int | None = None
         self.busy = False
+
+    async def unblock(self) -> None:
+        """CLIENT UNBLOCK the held connection, on the server it is connected to (which, on
+        a cluster, may no longer own the key's slot). Nothing without its CLIENT ID."""
+        pool, client_id = self._pool, self.client_id
+        if pool is None or client_id is None:
+            return
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await exchange(conn, pack(("CLIENT", "UNBLOCK", client_id)))
+        finally:
+            await pool.release(conn)
 
     @property
     def client(self) -> Redis:

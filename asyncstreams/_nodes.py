@@ -82,6 +82,9 @@ class Nodes:
         self._last_read: list[Redis] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed_at = 0.0
+        # The last read of the map found slots without a master (a failover under way).
+        self._incomplete = False
+        self._closed = False
         # Why the URL is taken for one server though it may not be: "cluster=False", or
         # CLUSTER SLOTS refused by an ACL (its error); None when the server said so itself.
         self.single_because: str | None = None
@@ -155,14 +158,17 @@ class Nodes:
         first error reply is raised once every reply is read.
 
         Sent again only when Redis ran none of them: MOVED and ASK come for the slot, so for
-        each command alike. (Were a slot to move between two of them, the first MOVED is
+        each command alike. (Were a slot to move between two of them, a TryAgainError is
         raised, and the caller rides it out as an outage: no command runs twice.)"""
 
         async def run(pool: ConnectionPool, asking: bool) -> list[Any]:
             replies = await send_on(pool, commands, asking)
             moved = [isinstance(reply, AskError) for reply in replies]
             if any(moved) and not all(moved):
-                raise TryAgainError(f"slot of {key!r} moved during a pipeline")
+                raise TryAgainError(
+                    f"slot of {key!r} moved during a pipeline: expected one node to answer "
+                    f"all {len(replies)} commands, {sum(moved)} were redirected"
+                )
             errors = [reply for reply in replies if isinstance(reply, ResponseError)]
             if errors:
                 raise errors[0]
@@ -289,15 +295,23 @@ class Nodes:
             self._refresh_soon()
 
     def _refresh_soon(self) -> None:
+        if self._closed:
+            return
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.get_running_loop().create_task(
                 self._refresh_later(), name="asyncstreams cluster map"
             )
 
     async def _refresh_later(self) -> None:
-        await asyncio.sleep(max(0.0, self._refreshed_at + MAP_REFRESH_INTERVAL - time.monotonic()))
-        with contextlib.suppress(RedisError, OSError):
-            await self.refresh()
+        """Read the map (no sooner than MAP_REFRESH_INTERVAL after the last read), and again
+        while it has slots without a master."""
+        while True:
+            delay = self._refreshed_at + MAP_REFRESH_INTERVAL - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+            with contextlib.suppress(RedisError, OSError):
+                await self.refresh()
+            if not self._incomplete:
+                return
 
     async def refresh(self) -> None:
         """Read the slot map from the first node that answers (the URL's first), giving
@@ -338,7 +352,9 @@ class Nodes:
                     f"the Redis Cluster at {answered} has {uncovered} of {SLOTS} hash slots "
                     "without a master; expected every slot assigned (CLUSTER ADDSLOTS)"
                 )
-            self._refresh_soon()
+            self._incomplete = True
+        else:
+            self._incomplete = False
         # Compared with the map as last read, not as MOVED replies have patched it since:
         # a slot whose move a MOVED reply told of first has a new master all the same.
         last_read, self._last_read = self._last_read, slots  # type: ignore[assignment]
@@ -375,13 +391,15 @@ class Nodes:
         return client
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._refresh is not None:
             self._refresh.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
-        for client in self._clients.values():
-            await client.aclose()
+        clients = list(self._clients.values())
         self._clients.clear()
+        for client in clients:
+            await client.aclose()
 
 
 async def send_on(
@@ -400,7 +418,12 @@ async def send_on(
             replies = await exchange(conn, packed, 2 * len(commands), timeout, raise_errors=False)
             for refused in replies[0::2]:
                 if isinstance(refused, ResponseError):
-                    raise refused  # ASKING itself (an ACL without +asking): say so
+                    # ASKING itself (an ACL without +asking): the migration is waited out
+                    # as an outage, and the log says why.
+                    raise TryAgainError(
+                        f"ASKING refused ({refused}); expected +asking in the ACL, to follow "
+                        "a slot being migrated"
+                    )
             return replies[1::2]
         packed = b"".join(commands)
         return await exchange(conn, packed, len(commands), timeout, raise_errors=False)

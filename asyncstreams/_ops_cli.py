@@ -146,6 +146,9 @@ def command(args: argparse.Namespace) -> int:
     else:
         work = _trimmer(args)
     app = App(args.url)
+    # Where, for an error line: named now, while the app's client is the one `run` uses
+    # (asking after it is closed would make another).
+    where = describe(app.redis)
 
     async def run() -> None:
         try:
@@ -158,17 +161,17 @@ def command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0 if args.command == "status" and args.watch else 130
     except (AsyncstreamsError, RedisError, OSError) as exc:
-        print(f"asyncstreams: error: {_explain(exc, app)}", file=sys.stderr)
+        print(f"asyncstreams: error: {_explain(exc, where)}", file=sys.stderr)
         return 1
     return 0
 
 
-def _explain(exc: BaseException, app: App) -> str:
+def _explain(exc: BaseException, where: str) -> str:
     """One line: asyncstreams' own errors say where; Redis' (unreachable, a failed login, a
     missing permission) get the server's host and port. Never a password."""
     if isinstance(exc, AsyncstreamsError):
         return str(exc)
-    return f"Redis at {describe(app.redis)}: {exc}"
+    return f"Redis at {where}: {exc}"
 
 
 # -- status ------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ def _watch(args: argparse.Namespace) -> Callable[[App], Awaitable[None]]:
             except (AsyncstreamsError, RedisError, OSError) as exc:
                 if not frames:
                     raise
-                body = f"asyncstreams: error: {_explain(exc, app)}"
+                body = f"asyncstreams: error: {_explain(exc, describe(app.redis))}"
                 if args.json:  # stdout stays JSON, a line per frame
                     print(body, file=sys.stderr, flush=True)
                     await asyncio.sleep(args.watch)

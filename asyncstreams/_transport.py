@@ -54,7 +54,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     RedisTimeoutError,
     ReadOnlyError,
     BusyLoadingError,
-    ClusterDownError,
     MasterDownError,
     TryAgainError,
     OutOfMemoryError,

@@ -288,7 +288,9 @@ class App:
     ) -> list[str]:
         """`publish` for many payloads at once, pipelined (on a cluster, one pipeline per
         server, the servers at once); returns the ids in order. `keys`, one per payload,
-        pick the partitions of a `Partitioned` stream."""
+        pick the partitions of a `Partitioned` stream. On an error, some of the payloads
+        may have been added (on a cluster, those of the masters that answered): publishing
+        is at-least-once, as a consumer's handling is."""
         if maxlen is not None and (
             isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0
         ):

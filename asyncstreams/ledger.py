@@ -162,7 +162,8 @@ class Ledger:
         size = self._entry_size
         if size == 0:
             return 1
-        fits = (self._max_memory - self.memory) // size
+        # What other reads on their way may bring counts too (several readers, on a cluster).
+        fits = (self._max_memory - self.memory - self._reading * size) // size
         if fits < streams:
             if self.memory:
                 return 0

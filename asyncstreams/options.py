@@ -307,8 +307,8 @@ class AppOptions:
 
     `max_connections` is the shared part of the connection pool (publish, group set-up,
     handlers' own commands); each consumer keeps two more of its own, for its blocking reads
-    and for its acks (on a cluster: one pool per master, each as large, and a consumer keeps
-    one connection per hash slot it reads, and one for its acks).
+    and for its acks (on a cluster: one pool per master, each as large; a consumer keeps
+    one connection per hash slot it reads, and its acks use the pools).
     """
 
     url: str | None = None

@@ -133,7 +133,8 @@ class TestApp:
         self._handlers = {}
         url = self._url
         if url is None:
-            self._database = _testserver.lend_database()
+            # In a thread: the first call starts the server, and FLUSHDB is a blocking call.
+            self._database = await asyncio.to_thread(_testserver.lend_database)
             url = _testserver.database_url(self._database)
         # The app's URL and registrations are the TestApp's for the block (App keeps them
         # in `_cli_url`, the CLI's --url, and `_registrations`); put back in `_restore`.

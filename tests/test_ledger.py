@@ -633,6 +633,20 @@ async def test_a_read_takes_what_fits_in_memory() -> None:
     assert ledger.read_count() == 1
 
 
+async def test_readers_share_max_memory_with_the_reads_on_their_way() -> None:
+    """Several readers (one per hash slot, on a cluster): what one read may bring counts
+    against the memory another plans for."""
+    ledger = Ledger(["a", "b"], limit=50 + 50, batch_size=50, max_memory_bytes=1_000)
+    ledger.delivered([make("a", 0, size=100)])
+    ledger.finished_many(ledger.start_many(1))
+    ledger.acked(*ledger.take_acks())
+    assert ledger.read_count(1) == 10  # 1,000 bytes of 100-byte entries
+    kept = ledger.read_started(6, 1)  # reader of a: 6 of them on their way
+    assert ledger.read_count(1) == 4  # reader of b: what is left
+    ledger.read_ended(kept)
+    assert ledger.read_count(1) == 10
+
+
 @pytest.mark.parametrize("streams", [["s"], ["a", "b", "c"]])
 async def test_an_entry_larger_than_max_memory_is_still_read_on_its_own(
     streams: list[str],
