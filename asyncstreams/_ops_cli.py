@@ -12,10 +12,13 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 
@@ -46,6 +49,10 @@ COLUMNS = (
 REDRAW = "\x1b[H\x1b[2J"  # cursor home, clear the screen: `--watch` on a terminal
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+# How long a cancelled command may take to end after Ctrl-C before the process exits.
+INTERRUPT_GRACE = 1.0
 
 
 # -- arguments ---------------------------------------------------------------------------
@@ -146,24 +153,50 @@ def command(args: argparse.Namespace) -> int:
     else:
         work = _trimmer(args)
     app = App(args.url)
-    # Where, for an error line: named now, while the app's client is the one `run` uses
-    # (asking after it is closed would make another).
-    where = describe(app.redis)
+    # Where, for an error line, from the URL (the app's client is closed by then).
+    where = _server(app.url)
 
     async def run() -> None:
+        # Ctrl-C cancels the command; were the cancellation lost (redis-py can swallow one
+        # that lands while a connection is being set up, then retry for 15 s), the process
+        # exits anyway, INTERRUPT_GRACE later: these commands only read, or run one script.
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+
+        def interrupted() -> None:
+            main.cancel()
+            loop.call_later(INTERRUPT_GRACE, _exit_interrupted, interrupted_code)
+
+        loop.add_signal_handler(signal.SIGINT, interrupted)
         try:
             await work(app)
         finally:
             await app.aclose()
 
+    interrupted_code = 0 if args.command == "status" and args.watch else 130
     try:
         asyncio.run(run())
-    except KeyboardInterrupt:
-        return 0 if args.command == "status" and args.watch else 130
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return interrupted_code
     except (AsyncstreamsError, RedisError, OSError) as exc:
         print(f"asyncstreams: error: {_explain(exc, where)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_interrupted(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _server(url: str) -> str:
+    """Host and port (or socket path) of `url`, never its password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}"
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
 
 
 def _explain(exc: BaseException, where: str) -> str:
