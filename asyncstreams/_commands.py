@@ -18,13 +18,9 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from ._link import Link
 from ._nodes import Nodes
-from ._transport import SOCKET_TIMEOUT, explain, is_transient, pack
+from ._transport import SOCKET_TIMEOUT, explain, is_transient, pack, text
 from .errors import ConfigurationError, RedisUnavailableError
 from .message import Entry, entry
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bytes(value: bytes | str) -> bytes:
@@ -69,7 +65,7 @@ async def group_exists(nodes: Nodes, stream: str, group: str) -> bool:
 
 async def key_type(nodes: Nodes, key: str) -> str:
     """TYPE: "stream", "none" (no such key), "string"..."""
-    return _text(await nodes.raw(key, "TYPE", key))
+    return text(await nodes.raw(key, "TYPE", key))
 
 
 async def length(nodes: Nodes, stream: str) -> int:
@@ -119,7 +115,7 @@ async def add(
                     f"unavailable: {explain(exc)}"
                 ) from exc
             raise
-        ids += [_text(entry_id) for entry_id in replies]
+        ids += [text(entry_id) for entry_id in replies]
     return ids
 
 
@@ -265,7 +261,7 @@ async def deliveries(
         stream, [pack(("XPENDING", stream, group, i, i, 1, consumer)) for i in ids]
     )
     return {
-        _bytes(row[0][0]): int(row[0][3]) for row in replies if row and _text(row[0][1]) == consumer
+        _bytes(row[0][0]): int(row[0][3]) for row in replies if row and text(row[0][1]) == consumer
     }
 
 
@@ -396,8 +392,8 @@ async def consumers(nodes: Nodes, stream: str, group: str) -> list[ConsumerInfo]
     result = []
     for item in reply:
         info = dict(zip(item[::2], item[1::2], strict=True)) if isinstance(item, list) else item
-        info = {_text(key): value for key, value in info.items()}
-        result.append(ConsumerInfo(_text(info["name"]), int(info["pending"]), int(info["idle"])))
+        info = {text(key): value for key, value in info.items()}
+        result.append(ConsumerInfo(text(info["name"]), int(info["pending"]), int(info["idle"])))
     return result
 
 

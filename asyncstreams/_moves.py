@@ -13,12 +13,8 @@ import enum
 from redis.exceptions import ResponseError
 
 from ._nodes import Nodes
+from ._transport import text
 from .deadletter import DeadLetter
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 # Moves an entry to the dead-letter stream, if it is still pending on this consumer: XADD
 # of the metadata fields and the entry's own fields (names starting with "!" get one more,
@@ -100,7 +96,7 @@ async def _move_across(
     two leaves the entry pending, to be moved again: one extra copy at worst, never none."""
     stream, group, entry_id = letter.stream, letter.group, letter.id
     owner = await nodes.raw(stream, "XPENDING", stream, group, entry_id, entry_id, 1)
-    if not owner or _text(owner[0][1]) != consumer:
+    if not owner or text(owner[0][1]) != consumer:
         return Moved.NOT_OURS
     if not await nodes.raw(stream, "XRANGE", stream, entry_id, entry_id):
         await nodes.raw(stream, "XACK", stream, group, entry_id)
@@ -127,11 +123,11 @@ async def move_back(
     if not nodes.same_slot(source, target):
         new_id = await nodes.raw(target, "XADD", target, "*", *fields)
         await nodes.raw(source, "XDEL", source, entry_id)
-        return _text(new_id)
+        return text(new_id)
     new_id, _ = await nodes.transaction(
         source, ("XADD", target, "*", *fields), ("XDEL", source, entry_id)
     )
     if isinstance(new_id, ResponseError):
         await nodes.raw(source, "XADD", source, "*", *source_fields)
         raise new_id
-    return _text(new_id)
+    return text(new_id)

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from . import _trim, ops
+from ._arguments import positive_int, url
 from ._transport import describe
 from .app import App
 from .errors import AsyncstreamsError
-from .options import check_url
 
 COMMANDS = ("status", "pending", "trim")
 WIDTH = 100  # the text output fits this many columns (names longer than NAME get a line)
@@ -56,23 +56,6 @@ INTERRUPT_GRACE = 1.0
 
 
 # -- arguments ---------------------------------------------------------------------------
-
-
-def _url(text: str) -> str:
-    try:
-        return check_url(text)
-    except AsyncstreamsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -105,7 +88,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "consumers and dead letters",
     )
     status.add_argument("streams", nargs="*", metavar="STREAM", help="only these (default: all)")
-    status.add_argument("--url", type=_url, help=url_help)
+    status.add_argument("--url", type=url, help=url_help)
     status.add_argument(
         "--json", action="store_true", help="one JSON list, one object per stream (a line)"
     )
@@ -120,17 +103,21 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     pending.add_argument("stream")
     pending.add_argument("group")
-    pending.add_argument("--url", type=_url, help=url_help)
+    pending.add_argument("--url", type=url, help=url_help)
     pending.add_argument("--consumer", metavar="NAME", help="only those of this consumer")
     pending.add_argument(
-        "--limit", type=_count, default=100, metavar="N", help="at most N, by id (default 100)"
+        "--limit",
+        type=positive_int,
+        default=100,
+        metavar="N",
+        help="at most N, by id (default 100)",
     )
     pending.add_argument("--json", action="store_true", help="one JSON object per entry and line")
     trim = commands.add_parser(
         "trim", help="remove the entries every group has read and acked (XTRIM MINID)"
     )
     trim.add_argument("stream")
-    trim.add_argument("--url", type=_url, help=url_help)
+    trim.add_argument("--url", type=url, help=url_help)
     trim.add_argument(
         "--dry-run", action="store_true", help="say what would be removed; remove nothing"
     )

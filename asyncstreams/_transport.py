@@ -94,6 +94,12 @@ def create_client(url: str, *, max_connections: int) -> Redis:
     return Redis.from_pool(pool)
 
 
+def text(value: bytes | str) -> str:
+    """A reply's bytes (a stream name, an id, a type) as str; a str as it is (RESP3, or a
+    decoding client)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def command_name(packed: bytes) -> str:
     """The name of the first command in `packed` (for error messages)."""
     parts = packed.split(b"\r\n", 3)

@@ -10,11 +10,8 @@ from redis.exceptions import ResponseError
 
 from . import ops
 from ._nodes import Nodes
+from ._transport import text
 from .errors import ConfigurationError, NotFoundError
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +171,7 @@ async def trim(
     except ResponseError as exc:
         needs = "+eval +type +xinfo|groups +xpending +xrange +xlen +time +xtrim"
         raise ops.script_refused(nodes, exc, "trim", needs) from None
-    outcome = _text(reply[0])
+    outcome = text(reply[0])
     if outcome == "type":
         await ops.check_stream(nodes, stream)  # says what the key is, or that it is gone
         raise NotFoundError(f"key {stream!r} is not a stream")
@@ -185,8 +182,8 @@ async def trim(
             "(XTRIM MAXLEN trims by count)"
         )
     removed, remaining, exact = int(reply[1]), int(reply[2]), bool(reply[3])
-    min_id, cutoff, held = (_text(value) or None for value in reply[4:7])
-    flat = [_text(value) or None for value in reply[7:]]
+    min_id, cutoff, held = (text(value) or None for value in reply[4:7])
+    flat = [text(value) or None for value in reply[7:]]
     holds = tuple(
         GroupHold(str(flat[i]), flat[i + 1], flat[i + 2], flat[i + 3])
         for i in range(0, len(flat), 4)

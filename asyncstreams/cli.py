@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from . import __version__, _commands, _ops_cli, describe
+from ._arguments import positive_int, url
 from .app import App
 from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
-from .options import check_url
 from .runner import WORKER_URL_ENV, RunConfig, display_path, run, supervise
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -90,23 +90,6 @@ def _grace_period(text: str) -> float:
     return value
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
-    return value
-
-
-def _url(text: str) -> str:
-    try:
-        return check_url(text)
-    except AsyncstreamsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncstreams", description="Run Redis Streams consumers written with asyncstreams."
@@ -115,11 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     runp = commands.add_parser("run", help="run the consumers of an app until SIGINT/SIGTERM")
     runp.add_argument("target", help='where the App is, as "module:attribute" (e.g. tasks:app)')
+    runp.add_argument("--url", type=url, help="Redis URL; overrides App(url) and $ASYNCSTREAMS_URL")
     runp.add_argument(
-        "--url", type=_url, help="Redis URL; overrides App(url) and $ASYNCSTREAMS_URL"
-    )
-    runp.add_argument(
-        "--workers", type=_workers, default=1, metavar="N", help="processes to run (default 1)"
+        "--workers", type=positive_int, default=1, metavar="N", help="processes to run (default 1)"
     )
     runp.add_argument(
         "--log-level",
@@ -156,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the entries of a dead-letter stream, or move them back (--replay)",
     )
     dlq.add_argument("stream", help='the dead-letter stream, e.g. "task_queue:dead-letter"')
-    dlq.add_argument("--url", type=_url, help="Redis URL (default: $ASYNCSTREAMS_URL)")
+    dlq.add_argument("--url", type=url, help="Redis URL (default: $ASYNCSTREAMS_URL)")
     dlq.add_argument(
         "--limit",
-        type=_workers,
+        type=positive_int,
         default=None,
         metavar="N",
         help="at most N entries (default: 100 listed, all replayed)",

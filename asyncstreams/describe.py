@@ -39,10 +39,11 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from . import __version__
+from ._arguments import url
 from .app import App, Registration
 from .codec import Arg, HandlerPlan
 from .errors import AsyncstreamsError
-from .options import ConsumerOptions, check_url
+from .options import ConsumerOptions
 from .partitions import Partitioned
 
 SHAPE_VERSION = 1
@@ -114,7 +115,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
     parser.add_argument(
         "--url",
-        type=_url,
+        type=url,
         help="the Redis URL to name as the server (host, port and database; never a "
         "password); nothing connects to it",
     )
@@ -140,13 +141,6 @@ def command(args: argparse.Namespace, load: Callable[[str], App]) -> int:
         print(f"asyncstreams: error: cannot write {args.output}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _url(text: str) -> str:
-    try:
-        return check_url(text)
-    except AsyncstreamsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- the JSON shape ------------------------------------------------------------------------

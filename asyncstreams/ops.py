@@ -17,7 +17,7 @@ from redis.exceptions import ResponseError
 
 from ._nodes import Nodes
 from ._slots import key_slot
-from ._transport import pack, raw
+from ._transport import pack, raw, text
 from .errors import NotFoundError, RedisRefusedError
 from .options import DEFAULT_DEAD_LETTER
 
@@ -29,15 +29,11 @@ COUNT_LIMIT = 10_000
 SCAN_COUNT = 1000
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _fields(reply: Any) -> dict[str, Any]:
     """An XINFO reply as a dict: RESP2 sends a flat [name, value, ...] list, RESP3 a map."""
     if isinstance(reply, dict):
-        return {_text(key): value for key, value in reply.items()}
-    return {_text(key): value for key, value in zip(reply[::2], reply[1::2], strict=True)}
+        return {text(key): value for key, value in reply.items()}
+    return {text(key): value for key, value in zip(reply[::2], reply[1::2], strict=True)}
 
 
 def script_refused(nodes: Nodes, exc: ResponseError, script: str, needs: str) -> Exception:
@@ -170,8 +166,8 @@ async def scan_streams(nodes: Nodes) -> list[str]:
         cursor: bytes | str = "0"
         while True:
             cursor, keys = await raw(client, "SCAN", cursor, "TYPE", "stream", "COUNT", SCAN_COUNT)
-            names.update(_text(key) for key in keys)
-            if _text(cursor) == "0":
+            names.update(text(key) for key in keys)
+            if text(cursor) == "0":
                 break
     return sorted(names)
 
@@ -227,7 +223,7 @@ async def _details(
     dead: dict[str, list[tuple[str, int, int]]] = {}
     for stream, (_, groups, _) in found.items():
         for group in groups:
-            name = _text(group["name"])
+            name = text(group["name"])
             if int(group["pending"]):
                 oldest[stream, name] = batch.add(stream, "XPENDING", stream, name, "-", "+", 1)
             consumers[stream, name] = batch.add(stream, "XINFO", "CONSUMERS", stream, name)
@@ -250,12 +246,12 @@ async def _details(
         letters = [
             (name, int(replies[length]))
             for name, kind, length in dead[stream]
-            if _text(replies[kind]) == "stream"
+            if text(replies[kind]) == "stream"
         ]
         dead_letter, dead_length = letters[0] if letters else (None, 0)
         group_rows = []
         for group in groups:
-            name = _text(group["name"])
+            name = text(group["name"])
             if group.get("lag") is not None:
                 # Redis 7 counts entries trimmed before the group read them as lag still;
                 # those that remain after its last-delivered id are at most all of them.
@@ -267,11 +263,11 @@ async def _details(
             if (stream, name) in oldest and replies[oldest[stream, name]]:
                 entry_id, consumer, idle, deliveries = replies[oldest[stream, name]][0]
                 first = OldestPending(
-                    _text(entry_id),
-                    _text(consumer),
+                    text(entry_id),
+                    text(consumer),
                     int(idle),
                     int(deliveries),
-                    max(0, now_ms - id_ms(_text(entry_id))),
+                    max(0, now_ms - id_ms(text(entry_id))),
                 )
             members = [_fields(item) for item in replies[consumers[stream, name]]]
             idlest = max(members, key=lambda member: int(member["idle"]), default=None)
@@ -284,19 +280,19 @@ async def _details(
                     pending=int(group["pending"]),
                     oldest_pending=first,
                     consumers=len(members),
-                    most_idle_consumer=None if idlest is None else _text(idlest["name"]),
+                    most_idle_consumer=None if idlest is None else text(idlest["name"]),
                     most_idle_ms=None if idlest is None else int(idlest["idle"]),
-                    last_delivered_id=_text(group["last-delivered-id"]),
+                    last_delivered_id=text(group["last-delivered-id"]),
                     dead_letter_length=dead_length,
                 )
             )
         newest = info.get("last-entry")
-        newest_id = _text(newest[0]) if newest else None
+        newest_id = text(newest[0]) if newest else None
         result.append(
             StreamStatus(
                 stream=stream,
                 length=int(info["length"]),
-                last_generated_id=_text(info["last-generated-id"]),
+                last_generated_id=text(info["last-generated-id"]),
                 newest_id=newest_id,
                 newest_age_ms=None if newest_id is None else max(0, now_ms - id_ms(newest_id)),
                 dead_letter=dead_letter,
@@ -309,7 +305,7 @@ async def _details(
 
 async def check_stream(nodes: Nodes, stream: str) -> None:
     """NotFoundError unless `stream` is a stream."""
-    found = _text(await nodes.raw(stream, "TYPE", stream))
+    found = text(await nodes.raw(stream, "TYPE", stream))
     if found == "none":
         raise NotFoundError(f"stream {stream!r} does not exist on {nodes.describe()}")
     if found != "stream":
@@ -346,15 +342,15 @@ async def pending_entries(
     by: tuple[str, ...] = ()
     if consumer is not None:
         reply = await nodes.raw(stream, "XINFO", "CONSUMERS", stream, group)
-        if consumer not in {_text(_fields(item)["name"]) for item in reply}:
+        if consumer not in {text(_fields(item)["name"]) for item in reply}:
             raise NotFoundError(
                 f"group {group!r} of stream {stream!r} has no consumer {consumer!r}"
             )
-        counts = {_text(name): int(n) for name, n in per_consumer or ()}
+        counts = {text(name): int(n) for name, n in per_consumer or ()}
         total, by = counts.get(consumer, 0), (consumer,)
     rows = await nodes.raw(stream, "XPENDING", stream, group, "-", "+", limit, *by)
     entries = [
-        PendingEntry(_text(entry_id), _text(owner), int(idle), int(deliveries))
+        PendingEntry(text(entry_id), text(owner), int(idle), int(deliveries))
         for entry_id, owner, idle, deliveries in rows
     ]
     return entries, total
@@ -362,5 +358,5 @@ async def pending_entries(
 
 async def _no_group(nodes: Nodes, stream: str, group: str) -> NotFoundError:
     groups = await nodes.raw(stream, "XINFO", "GROUPS", stream)
-    names = ", ".join(repr(_text(_fields(info)["name"])) for info in groups) or "none"
+    names = ", ".join(repr(text(_fields(info)["name"])) for info in groups) or "none"
     return NotFoundError(f"stream {stream!r} has no group {group!r}; its groups: {names}")

@@ -1,0 +1,28 @@
+"""Argument types the command line's subcommands share: each turns a bad value into an
+argparse error that says what was expected and what was found."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import AsyncstreamsError
+from .options import check_url
+
+
+def url(text: str) -> str:
+    """A Redis URL (`redis://`, `rediss://` or `unix://`)."""
+    try:
+        return check_url(text)
+    except AsyncstreamsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
