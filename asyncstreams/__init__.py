@@ -12,6 +12,7 @@ from .errors import (
     RedisUnavailableError,
 )
 from .message import Message
+from .middleware import Call, Middleware, Outcome
 from .partitions import Partitioned
 
 __version__ = "0.1.0"
@@ -19,12 +20,15 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "AsyncstreamsError",
+    "Call",
     "ConfigurationError",
     "DeadLetter",
     "DeadLetterEntry",
     "DecodeError",
     "Message",
+    "Middleware",
     "NotFoundError",
+    "Outcome",
     "Partitioned",
     "RedisRefusedError",
     "RedisUnavailableError",

@@ -26,6 +26,7 @@ from ._tasks import first_failure
 from .codec import HandlerPlan, encode_fields, plan_handler
 from .consumer import Consumer
 from .errors import ConfigurationError
+from .middleware import Middleware, check_middleware
 from .options import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_MAX_CONNECTIONS,
@@ -109,7 +110,8 @@ class App:
     a Redis Cluster: the app finds out at start (CLUSTER SLOTS) and logs it; `cluster=True`
     requires a cluster, `cluster=False` never asks. `grace_period` is how long handlers get
     to finish when the app stops. `lifespan`, if given, is entered before the consumers
-    start and left after they stop (open your database pool there).
+    start and left after they stop (open your database pool there). `middleware` runs
+    around every handler call, the first outermost (see `asyncstreams.middleware`).
     """
 
     def __init__(
@@ -120,7 +122,9 @@ class App:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         lifespan: Lifespan | None = None,
         cluster: bool | None = None,
+        middleware: Iterable[Middleware] = (),
     ) -> None:
+        self._middleware = [check_middleware(m) for m in middleware]
         self._options = AppOptions(
             url=url, grace_period=grace_period, max_connections=max_connections, cluster=cluster
         )
@@ -169,6 +173,24 @@ class App:
             return handler
 
         return register
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Run `middleware` around every handler call, inside those added before it.
+
+        Raises ConfigurationError once the app is running (its consumers have their
+        middleware), or when `middleware` is not a Middleware instance.
+        """
+        if self.running:
+            raise ConfigurationError(
+                f"add_middleware({type(middleware).__name__}): expected an app not yet "
+                "running, found it running; add middleware before `serve()` or `async with`"
+            )
+        self._middleware.append(check_middleware(middleware))
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware registered, outermost first."""
+        return tuple(self._middleware)
 
     @property
     def registrations(self) -> tuple[Registration, ...]:
@@ -440,7 +462,13 @@ class App:
                 await _transport.check_reachable(self.redis)
                 nodes = await self.servers()
                 consumers = [
-                    Consumer(r.plan, r.options, nodes, r.options.consumer or self.consumer_name)
+                    Consumer(
+                        r.plan,
+                        r.options,
+                        nodes,
+                        r.options.consumer or self.consumer_name,
+                        self._middleware,
+                    )
                     for r in self._registrations
                 ]
                 nodes.reserve(

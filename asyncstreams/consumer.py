@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -32,6 +33,8 @@ from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, r
 from .codec import HandlerPlan
 from .failures import Failures
 from .ledger import Ledger
+from .message import Entry
+from .middleware import Call, Chain, Middleware
 from .options import ConsumerOptions
 from .recovery import Recovery
 from .workers import Workers
@@ -56,7 +59,12 @@ class Consumer:
     """Runs one handler over its streams as one consumer of its group."""
 
     def __init__(
-        self, plan: HandlerPlan, options: ConsumerOptions, nodes: Nodes, name: str
+        self,
+        plan: HandlerPlan,
+        options: ConsumerOptions,
+        nodes: Nodes,
+        name: str,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.plan = plan
         self.options = options
@@ -84,6 +92,15 @@ class Consumer:
         ]
         self._acker = Acker(nodes, options.names, options.group)
         self.failures = Failures(nodes, options, name, self.where, self.ledger)
+        chain = Chain(middleware) if middleware else None
+
+        def make_call(entries: Sequence[Entry]) -> Call:
+            return Call(plan.name, options.group, name, entries)
+
+        if chain is not None:
+            self.failures.unrun = lambda entry, outcome: chain.settled(
+                make_call((entry,)), outcome, None
+            )
         self.workers = Workers(
             self.ledger,
             self.failures,
@@ -94,6 +111,8 @@ class Consumer:
             invoke_batch=plan.bind_batch(options.group, name) if plan.batch else None,
             exit_requested=self._exit_requested,
             name=self.where,
+            chain=chain,
+            call=make_call if chain is not None else None,
         )
         self._recovery = Recovery(
             nodes,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from . import _commands
 from ._backoff import Backoff
@@ -31,6 +32,7 @@ from .deadletter import DeadLetter, Reason, dead_letter
 from .errors import DecodeError
 from .ledger import Ledger
 from .message import Entry
+from .middleware import Outcome
 from .options import ConsumerOptions
 
 log = logging.getLogger("asyncstreams.consumer")
@@ -73,21 +75,23 @@ class Failures:
         self._probe: tuple[str, bytes] | None = None
         self._probes = 0
         self._next_probe = 0.0
+        # Tells the middleware, if any, what became of an entry no handler call ran (one
+        # claimed after its last delivery); set by the consumer.
+        self.unrun: Callable[[Entry, Outcome], None] | None = None
 
     # -- an entry failed -----------------------------------------------------------------
 
-    async def failed(self, entry: Entry, exc: BaseException, *, logged: bool = False) -> None:
+    async def failed(self, entry: Entry, exc: BaseException, *, logged: bool = False) -> Outcome:
         """A running entry was not handled: the handler raised, or it cannot be handled.
+        Returns what became of it.
 
         `logged`: the exception was logged already (a batch's), so a retry logs nothing.
         """
         stream, entry_id, _, deliveries, _ = entry
         if isinstance(exc, TooLarge):
-            await self.reject(entry, Reason.TOO_LARGE, None, str(exc))
-            return
+            return await self.reject(entry, Reason.TOO_LARGE, None, str(exc))
         if isinstance(exc, DecodeError):
-            await self.reject(entry, Reason.UNDECODABLE, exc)
-            return
+            return await self.reject(entry, Reason.UNDECODABLE, exc)
         self._probe_ended(stream, entry_id)
         if not logged:
             self.handler_failed()
@@ -106,11 +110,10 @@ class Failures:
                 explain(exc),
                 exc_info=exc,
             )
-            await self.reject(entry, Reason.FAILED, exc)
-            return
+            return await self.reject(entry, Reason.FAILED, exc)
         delay = self._retry_later(entry)
         if logged:
-            return
+            return "retried"
         self.log.log(
             logging.WARNING,
             "retried",
@@ -127,6 +130,7 @@ class Failures:
             # The first failure of an entry shows where it happened; later ones, one line.
             exc_info=exc if deliveries == 1 else None,
         )
+        return "retried"
 
     def batch_failed(self, entries: list[Entry], exc: BaseException) -> None:
         """A batch handler call raised: one line for the batch (each entry then retries on
@@ -196,11 +200,11 @@ class Failures:
 
     async def reject(
         self, entry: Entry, reason: str, exc: BaseException | None, message: str = ""
-    ) -> None:
+    ) -> Outcome:
         """Move a running entry to the dead-letter stream (XADD + XACK in one MULTI).
 
         Without a dead-letter stream the entry is parked; when the move fails, it is
-        held and tried again after a backoff. Either way it stays pending.
+        held and tried again after a backoff (still "dead_lettered": the move is decided).
         """
         stream, entry_id, flat, deliveries, _ = entry
         self._probe_ended(stream, entry_id)
@@ -234,14 +238,15 @@ class Failures:
                     self._where,
                     self._ledger.limit,
                 )
-            return
+            return "parked"
         try:
             await self._move(letter, flat)
         except Exception as failure:
             self._ledger.move_later(entry, letter)
             self._move_failed(letter, failure)
-            return
+            return "dead_lettered"
         self._ledger.dead_lettered(entry)
+        return "dead_lettered"
 
     async def _move(self, letter: DeadLetter, flat: list[bytes]) -> bool:
         """Move the entry to the dead-letter stream; False if it was not this consumer's to

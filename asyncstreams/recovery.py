@@ -268,7 +268,7 @@ class Recovery:
         for item in spent:
             ledger.hold_running(item)
             try:
-                await self._failures.reject(
+                outcome = await self._failures.reject(
                     item,
                     Reason.FAILED,
                     None,
@@ -280,6 +280,8 @@ class Recovery:
                 # were never taken on, and stay pending.
                 ledger.cancelled([item])
                 raise
+            if self._failures.unrun is not None:
+                self._failures.unrun(item, outcome)
 
     # -- other consumers' idle entries ---------------------------------------------------
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -28,6 +30,7 @@ from .codec import Invoke, InvokeBatch
 from .failures import Failures, TooLarge
 from .ledger import Ledger
 from .message import Entry
+from .middleware import Call, Chain, Outcome
 
 log = logging.getLogger("asyncstreams.consumer")
 
@@ -57,6 +60,8 @@ class Workers:
         invoke_batch: InvokeBatch | None,
         exit_requested: Callable[[BaseException], None],
         name: str,
+        chain: Chain | None = None,
+        call: Callable[[Sequence[Entry]], Call] | None = None,
     ) -> None:
         self._ledger = ledger
         self._failures = failures
@@ -67,6 +72,9 @@ class Workers:
         self._invoke_batch = invoke_batch
         self._exit_requested = exit_requested
         self._name = name
+        # Middleware, when there is any: `call` makes the Call of a batch of entries.
+        self._chain = chain
+        self._call = call
         self.counts = Counts()
         self._idle: list[asyncio.Future[None]] = []
         self._top_up_scheduled = False
@@ -81,7 +89,10 @@ class Workers:
         after STOP_TIMEOUT (its entry stays pending), so a stop never hangs.
         """
         loop = asyncio.get_running_loop()
-        work = self._work if self._invoke is not None else self._work_batches
+        if self._invoke is None:
+            work = self._work_batches
+        else:
+            work = self._work if self._chain is None else self._work_with_middleware
         tasks = [
             loop.create_task(work(), name=f"asyncstreams worker {self._name}")
             for _ in range(self._concurrency)
@@ -178,20 +189,38 @@ class Workers:
 
     async def _settle(
         self, failed: Sequence[tuple[Entry, BaseException]], *, logged: int = 0
-    ) -> None:
+    ) -> list[Outcome]:
         """Running entries that were not handled go through the failure policy, one by one
-        (the first `logged` were logged already, as a batch). Cancelled meanwhile (in a move
-        to the dead-letter stream), the rest stay held, as cancelled."""
+        (the first `logged` were logged already, as a batch); returns what became of each.
+        Cancelled meanwhile (in a move to the dead-letter stream), the rest stay held, as
+        cancelled."""
+        outcomes: list[Outcome] = []
         for index, (entry, exc) in enumerate(failed):
             try:
-                await self._failures.failed(entry, exc, logged=index < logged)
+                outcomes.append(await self._failures.failed(entry, exc, logged=index < logged))
             except BaseException:
                 self._ledger.cancelled([entry for entry, _ in failed[index:]])
+                self._report_split(failed, outcomes)
                 raise
         for _, exc in failed:
             if isinstance(exc, EXITS):
                 self._exit_requested(exc)
-                return
+                break
+        return outcomes
+
+    def _report_split(
+        self, failed: Sequence[tuple[Entry, BaseException]], outcomes: list[Outcome]
+    ) -> None:
+        """Tell the middleware what became of a batch cut short by the stop: the entries
+        settled before it, and the rest, cancelled."""
+        if self._chain is None or self._call is None:
+            return
+        settled = len(outcomes)
+        for (entry, exc), outcome in zip(failed, outcomes, strict=False):
+            self._chain.settled(self._call([entry]), outcome, exc)
+        rest = [entry for entry, _ in failed[settled:]]
+        if rest:
+            self._chain.settled(self._call(rest), "cancelled", None)
 
     async def _work(self) -> None:
         ledger = self._ledger
@@ -220,6 +249,45 @@ class Workers:
                 continue
             finished(entry)
 
+    async def _work_with_middleware(self) -> None:
+        """`_work`, with each call run through the middleware and its outcome reported."""
+        ledger = self._ledger
+        queue = ledger.queue
+        start, finished = ledger.start, ledger.finished
+        invoke = self._invoke
+        chain = self._chain
+        make_call = self._call
+        assert invoke is not None
+        assert chain is not None
+        assert make_call is not None
+        max_payload = self._max_payload
+        clock = time.perf_counter
+        while True:
+            if not queue:
+                await self._park()
+                continue
+            entry = start()
+            call = make_call((entry,))
+            began = clock()
+            try:
+                if max_payload is not None and entry[4] > max_payload:
+                    raise TooLarge(entry, max_payload)
+                await chain.wrap(call, partial(invoke, entry[0], entry[1], entry[2], entry[3]))
+            except BaseException as exc:
+                call.duration = clock() - began
+                if self._ours(exc):
+                    self.counts.cancelled += 1
+                    ledger.cancelled([entry])
+                    chain.settled(call, "cancelled", exc)
+                    raise
+                (outcome,) = await self._settle([(entry, exc)])
+                chain.settled(call, outcome, exc)
+                self._raise_if_stopping()
+                continue
+            call.duration = clock() - began
+            finished(entry)
+            chain.settled(call, "acked", None)
+
     async def _work_batches(self) -> None:
         """A worker of a batch handler: each call gets what is queued, up to `batch_size`.
 
@@ -243,7 +311,10 @@ class Workers:
                 except BaseException:
                     # Cancelled: this batch was cancelled in _run_batch; the later ones
                     # never started.
-                    ledger.cancelled([entry for later in batches[index + 1 :] for entry in later])
+                    later = [entry for rest in batches[index + 1 :] for entry in rest]
+                    ledger.cancelled(later)
+                    if later and self._chain is not None and self._call is not None:
+                        self._chain.settled(self._call(later), "cancelled", None)
                     raise
 
     async def _run_batch(self, batch: list[Entry]) -> None:
@@ -257,22 +328,55 @@ class Workers:
         if max_payload is not None and any(entry[4] > max_payload for entry in batch):
             unfit = [(e, TooLarge(e, max_payload)) for e in batch if e[4] > max_payload]
             batch = [entry for entry in batch if entry[4] <= max_payload]
-        passed, rejected, call = invoke_batch(batch) if batch else (batch, [], None)
+        passed, rejected, run = invoke_batch(batch) if batch else (batch, [], None)
         unfit += rejected
         logged = 0
-        if call is not None:
+        chain, make_call = self._chain, self._call
+        call = make_call(passed) if make_call is not None and run is not None else None
+        if run is not None:
+            began = time.perf_counter()
             try:
-                await call
+                if chain is not None and call is not None:
+                    await chain.wrap(call, lambda: run)
+                else:
+                    await run
             except BaseException as exc:
+                if call is not None:
+                    call.duration = time.perf_counter() - began
                 if self._ours(exc):
                     self.counts.cancelled += len(passed)
                     self._ledger.cancelled([*passed, *(entry for entry, _ in unfit)])
+                    if chain is not None and call is not None:
+                        chain.settled(call, "cancelled", exc)
                     raise
                 self._failures.batch_failed(passed, exc)
                 unfit = [*((entry, exc) for entry in passed), *unfit]
                 logged = len(passed)
             else:
                 self._ledger.finished_many(passed)
+                if chain is not None and call is not None:
+                    call.duration = time.perf_counter() - began
+                    chain.settled(call, "acked", None)
         if unfit:
-            await self._settle(unfit, logged=logged)
+            outcomes = await self._settle(unfit, logged=logged)
+            if chain is not None and make_call is not None:
+                self._report_failed(chain, make_call, call, unfit, outcomes, logged)
             self._raise_if_stopping()
+
+    @staticmethod
+    def _report_failed(
+        chain: Chain,
+        make_call: Callable[[Sequence[Entry]], Call],
+        call: Call | None,
+        unfit: Sequence[tuple[Entry, BaseException]],
+        outcomes: list[Outcome],
+        ran: int,
+    ) -> None:
+        """A batch call's failed entries: the first `ran` reached the handler (one report,
+        when they ended alike, as entries of the same delivery do), the rest did not (one
+        report each)."""
+        if ran and call is not None and len(set(outcomes[:ran])) == 1:
+            chain.settled(call, outcomes[0], unfit[0][1])
+            unfit, outcomes = unfit[ran:], outcomes[ran:]
+        for (entry, exc), outcome in zip(unfit, outcomes, strict=True):
+            chain.settled(make_call((entry,)), outcome, exc)
