@@ -50,6 +50,9 @@ class Outage:
         # starts over (the failed-over master's replica has taken over).
         self._moved = moved
         self._since: float | None = None
+        # Outages met (`begin`) and got over (`end`) since the start.
+        self.begun = 0
+        self.ended = 0
 
     async def ride(self, step: Callable[[], Awaitable[T]]) -> T:
         """Run `step` until it gets through; raise what waiting cannot fix.
@@ -105,9 +108,15 @@ class Outage:
     def _gone(self, exc: BaseException) -> None:
         self._log.warning("%s: the stream or group is gone (%s); recreating it", self._where, exc)
 
+    @property
+    def ongoing(self) -> bool:
+        """Whether Redis is unavailable to this consumer now."""
+        return self._since is not None
+
     def begin(self, exc: BaseException) -> None:
         if self._since is None:
             self._since = time.monotonic()
+            self.begun += 1
             self._log.warning(
                 "%s: Redis is unavailable (%s); retrying with backoff", self._where, explain(exc)
             )
@@ -120,3 +129,4 @@ class Outage:
                 time.monotonic() - self._since,
             )
             self._since = None
+            self.ended += 1

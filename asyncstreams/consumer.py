@@ -55,6 +55,27 @@ class Stats:
     given_back: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a consumer has done since it started, and what it holds now: read at once, for
+    metrics (asyncstreams.prometheus) and health checks. Counts are of entries."""
+
+    received: int  # delivered to it: read, or claimed from other consumers
+    acked: int  # acks Redis confirmed (XACK answered)
+    retried: int  # handler failures that were retried
+    dead_lettered: int  # moved to the dead-letter stream
+    parked: int  # left pending for good (no dead-letter stream)
+    cancelled: int  # cancelled by the stop while running
+    claimed: int  # other consumers' idle entries claimed
+    renewed: int  # idle times of held entries reset (leases renewed)
+    outages: int  # times Redis became unavailable to it
+    reconnects: int  # times it got through again after an outage
+    in_outage: bool  # Redis is unavailable to it now
+    in_flight: int  # entries held now, in every state (queued, running, acking, ...)
+    room: int  # how many more it may hold: `limit - in_flight - room kept for a read`
+    limit: int  # the bound on `in_flight`
+
+
 class Consumer:
     """Runs one handler over its streams as one consumer of its group."""
 
@@ -173,6 +194,26 @@ class Consumer:
                 await self._shutdown()
         if self.exit is not None:
             raise self.exit
+
+    def figures(self) -> Figures:
+        """What this consumer has done and holds, now."""
+        ledger, failures, outage = self.ledger, self.failures, self._outage
+        return Figures(
+            received=ledger.received,
+            acked=self.stats.acked,
+            retried=failures.retried,
+            dead_lettered=failures.dead_lettered,
+            parked=failures.parked,
+            cancelled=self.workers.counts.cancelled,
+            claimed=self._recovery.claimed,
+            renewed=self._recovery.renewed,
+            outages=outage.begun,
+            reconnects=outage.ended,
+            in_outage=outage.ongoing,
+            in_flight=ledger.held,
+            room=ledger.room(),
+            limit=ledger.limit,
+        )
 
     @property
     def own_connections(self) -> int:

@@ -68,6 +68,7 @@ class Ledger:
         "memory",
         "queue",
         "reads_paused",
+        "received",
         "running",
     )
 
@@ -85,6 +86,8 @@ class Ledger:
         self._max_memory = max_memory_bytes
         # Every state at once: how many entries are held, and their ids by stream.
         self.held = 0
+        # Entries delivered since the start (read, or claimed), held or not any more.
+        self.received = 0
         self._ids: dict[str, set[bytes]] = {stream: set() for stream in streams}
         # Queued: the workers take from the left (the per-entry path uses it directly).
         self.queue: deque[Entry] = deque()
@@ -228,6 +231,7 @@ class Ledger:
             return
         self._in_memory(entries)
         self.held += len(entries)
+        self.received += len(entries)
         if self._n_streams == 1:
             self._ids[entries[0][0]].update(map(_ID, entries))
         else:

@@ -72,6 +72,9 @@ class Recovery:
         self._outage = outage
         self._queued = queued
         self.first_pass_done = asyncio.Event()
+        # Since the start: other consumers' idle entries claimed, and held entries renewed.
+        self.claimed = 0
+        self.renewed = 0
         self._claim_cursor = dict.fromkeys(options.names, b"0-0")
         # Where the first pass over this consumer's own pending entries goes on, per stream
         # (a stream is left out once done).
@@ -306,6 +309,7 @@ class Recovery:
             if deleted:
                 self._count_trimmed(stream, deleted)
             if claimed:
+                self.claimed += len(claimed)
                 log.info(
                     "%s: claimed %d entries of %s idle for %d ms or more",
                     self._where,
@@ -341,6 +345,7 @@ class Recovery:
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]
                 renewed = await _commands.renew(self._nodes, stream, self._group, self._name, chunk)
+                self.renewed += len(renewed)
                 self._ledger.unpark(stream, [i for i in chunk if i not in renewed])
             log.debug("%s: renewed %d held entries of %s", self._where, len(held), stream)
         return False
