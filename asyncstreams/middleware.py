@@ -122,6 +122,11 @@ class Chain:
         self._settles = [m for m in middleware if _overrides(m, "settled")]
         self._broken: set[int] = set()
 
+    @property
+    def wraps(self) -> bool:
+        """Whether any middleware overrides `around` (else calls need no wrapping)."""
+        return bool(self._arounds)
+
     def wrap(self, call: Call, invoke: Proceed) -> Awaitable[None]:
         """The awaitable that runs `call` through every `around`, then `invoke`."""
         proceed = invoke

@@ -16,6 +16,7 @@ A handler that raises KeyboardInterrupt or SystemExit also stops the app, gracef
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -262,6 +263,7 @@ class Workers:
         assert make_call is not None
         max_payload = self._max_payload
         clock = time.perf_counter
+        wraps = chain.wraps
         while True:
             if not queue:
                 await self._park()
@@ -272,7 +274,10 @@ class Workers:
             try:
                 if max_payload is not None and entry[4] > max_payload:
                     raise TooLarge(entry, max_payload)
-                await chain.wrap(call, partial(invoke, entry[0], entry[1], entry[2], entry[3]))
+                if wraps:
+                    await chain.wrap(call, partial(invoke, entry[0], entry[1], entry[2], entry[3]))
+                else:
+                    await invoke(entry[0], entry[1], entry[2], entry[3])
             except BaseException as exc:
                 call.duration = clock() - began
                 if self._ours(exc):
@@ -336,8 +341,11 @@ class Workers:
         if run is not None:
             began = time.perf_counter()
             try:
-                if chain is not None and call is not None:
-                    await chain.wrap(call, lambda: run)
+                if chain is not None and call is not None and chain.wraps:
+                    try:
+                        await chain.wrap(call, lambda: run)
+                    finally:
+                        _close_unstarted(run)  # a middleware skipped the handler
                 else:
                     await run
             except BaseException as exc:
@@ -380,3 +388,9 @@ class Workers:
             unfit, outcomes = unfit[ran:], outcomes[ran:]
         for (entry, exc), outcome in zip(unfit, outcomes, strict=True):
             chain.settled(make_call((entry,)), outcome, exc)
+
+
+def _close_unstarted(awaitable: object) -> None:
+    """Close the handler's coroutine if nothing awaited it (no "never awaited" warning)."""
+    if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == "CORO_CREATED":
+        awaitable.close()

@@ -5,7 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_SCENARIOS = ("drain", "io", "latency", "publish", "workers", "payload", "cluster")
+DEFAULT_SCENARIOS = (
+    "drain",
+    "io",
+    "latency",
+    "publish",
+    "workers",
+    "payload",
+    "cluster",
+    "middleware",
+)
 # Opt-in only: a 1,000,000-entry backlog takes a while to write and to drain.
 OPTIONAL_SCENARIOS = ("memory",)
 ALL_SCENARIOS = DEFAULT_SCENARIOS + OPTIONAL_SCENARIOS

@@ -24,6 +24,7 @@ SCENARIO_TITLES = {
     "payload": "Payload size and typed decoding (no-op handler)",
     "memory": "Memory under a large backlog",
     "cluster": "Redis Cluster: one consumer process over three masters",
+    "middleware": "What middleware costs a no-op drain",
 }
 SCENARIO_NOTES = {
     "drain": (
@@ -64,6 +65,12 @@ SCENARIO_NOTES = {
         "commandstats of each server before the consumer starts and after it exits, less the "
         "suite's own INFO and XINFO GROUPS (the check that nothing is pending), divided by "
         "the entries (the mean of the runs)."
+    ),
+    "middleware": (
+        "The drain scenario's no-op drain, by the same consumer three ways: no middleware; "
+        "one middleware whose `around` only awaits `proceed()` and whose `settled` does "
+        "nothing; and the Prometheus metrics of `asyncstreams.prometheus.instrument(app)` "
+        "(nothing scrapes them meanwhile)."
     ),
 }
 

@@ -19,7 +19,7 @@ from . import cluster as cluster_steps
 from . import steps
 from .config import Config
 from .impls import asyncstreams_impl
-from .specs import Impl, Loop, PublishMethod, Shape, Work
+from .specs import Impl, Loop, Middle, PublishMethod, Shape, Work
 from .steps import Run
 from .store import DataSet, Store
 
@@ -87,6 +87,7 @@ def _drain(
     loop: Loop = "uvloop",
     sample_rss: bool = False,
     source: str = "",
+    middleware: Middle = "none",
 ) -> RunStep:
     def run(store: Store, dataset: DataSet | None) -> Run:
         assert dataset is not None
@@ -101,6 +102,7 @@ def _drain(
             loop=loop,
             sample_rss=sample_rss,
             source=source,
+            middleware=middleware,
         )
 
     return run
@@ -298,6 +300,21 @@ def cluster(config: Config) -> list[Step]:
     ]  # fmt: skip
 
 
+def middleware(config: Config) -> list[Step]:
+    """What middleware costs a no-op drain: none, one trivial middleware, the metrics."""
+    row = partial(Step, "middleware", "no-op drain", repeat=config.repeat,
+                  data=(config.drain_entries, config.entry_size))  # fmt: skip
+    return [
+        row("asyncstreams", "asyncstreams, no middleware", "asyncstreams",
+            _drain("asyncstreams")),
+        row("trivial", "asyncstreams, one middleware (around and settled that do nothing)",
+            "asyncstreams", _drain("asyncstreams", middleware="trivial"), ref="asyncstreams"),
+        row("metrics", "asyncstreams, Prometheus metrics (asyncstreams.prometheus.instrument)",
+            "asyncstreams", _drain("asyncstreams", middleware="metrics"), ref="asyncstreams",
+            skip=asyncstreams_impl.metrics_missing()),
+    ]  # fmt: skip
+
+
 def _size_label(size: int) -> str:
     return f"{size // 1000} KB" if size >= 1000 else f"{size} B"
 
@@ -311,6 +328,7 @@ PLANS: dict[str, Callable[[Config], list[Step]]] = {
     "payload": payload,
     "memory": memory,
     "cluster": cluster,
+    "middleware": middleware,
 }
 
 

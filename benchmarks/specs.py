@@ -31,6 +31,10 @@ PublishMethod = Literal[
     "faststream-publish",
 ]
 
+# What middleware the asyncstreams consumer runs: none, one that overrides both hooks and
+# does nothing, or the Prometheus metrics (asyncstreams.prometheus.instrument).
+Middle = Literal["none", "trivial", "metrics"]
+
 SLEEP_SECONDS = 0.001  # the io scenario's handler: await asyncio.sleep(0.001)
 SPEC_ENV = "ASYNCSTREAMS_BENCH_SPEC"  # where a child finds its spec (not argv: `ps` shows it)
 
@@ -46,6 +50,7 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     concurrency: int = 0  # 0: the implementation's default
     batch_size: int = 0  # asyncstreams' batch_size (XREADGROUP COUNT); 0: its default
     loop: Loop = "uvloop"
+    middleware: Middle = "none"
     # "count": done when `entries` were handled and acked (the child times it);
     # "stdin": run until the parent writes STOP (several processes share the group).
     until: Literal["count", "stdin"] = "count"

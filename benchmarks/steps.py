@@ -27,6 +27,7 @@ from .specs import (
     ConsumeSpec,
     Impl,
     Loop,
+    Middle,
     ProduceResult,
     ProduceSpec,
     PublishMethod,
@@ -109,6 +110,7 @@ def drain(
     loop: Loop = "uvloop",
     sample_rss: bool = False,
     source: str = "",
+    middleware: Middle = "none",
 ) -> Run:
     """One consumer drains the data set in a group of its own, starting at the first entry."""
     group = store.group(impl)
@@ -127,6 +129,7 @@ def drain(
         timeout=_consume_timeout(dataset.entries),
         sample_rss=sample_rss,
         source=source,
+        middleware=middleware,
     )
     try:
         with _spawn("consume", spec, f"consumer {impl}") as child:

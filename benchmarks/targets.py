@@ -11,6 +11,7 @@ FLAT_GROWTH_MB = 5.0
 CLUSTER_RATE_SHARE = 0.7  # a cluster drain against the one-server drain of the same run
 CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's at most 10% above one server's
 CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
+METRICS_SHARE = 0.85  # a no-op drain with the Prometheus metrics against one without
 CLUSTER_CASES = (("cluster", "a stream per master"), ("partitioned", "Partitioned"))
 
 
@@ -82,6 +83,10 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
     targets.append(_rss_target(look))
     targets.append(_memory_target(look))
     targets += _cluster_targets(look)
+    targets.append(
+        _ratio(f"middleware: metrics on ≥ {METRICS_SHARE}x metrics off (no-op drain)",
+               look, "middleware", None, "metrics", "asyncstreams", METRICS_SHARE)
+    )  # fmt: skip
     return targets
 
 

@@ -288,3 +288,34 @@ async def test_middleware_cannot_be_added_to_a_running_app(redis_url: str, names
         with pytest.raises(ConfigurationError, match="found it running"):
             app.add_middleware(Recorder())
     assert app.middleware == ()
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_an_around_that_skips_the_handler_acks_the_entries(
+    redis_url: str, names: Names, client: aioredis.Redis, batch: bool
+) -> None:
+    await fill(client, names.stream, 5)
+    calls: list[int] = []
+
+    class Skip(Middleware):
+        async def around(self, call: Call, proceed: object) -> None:
+            return None
+
+    recorder = Recorder()
+    app = App(redis_url, middleware=[Skip(), recorder])
+    if batch:
+
+        @app.consumer(names.stream, group=names.group)
+        async def load(items: list[Item]) -> None:
+            calls.extend(item.n for item in items)
+
+    else:
+
+        @app.consumer(names.stream, group=names.group)
+        async def handle(item: Item) -> None:
+            calls.append(item.n)
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    assert calls == []
+    assert recorder.outcomes() == Counter({"acked": 5})

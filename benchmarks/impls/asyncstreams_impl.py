@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from asyncstreams import App, ConfigurationError, Message, Partitioned
+from asyncstreams import App, Call, ConfigurationError, Message, Middleware, Outcome, Partitioned
 
 from ..ledger import Sink
 from ..payload import Task, task
@@ -37,6 +37,35 @@ def publish_many() -> str | None:
     if hasattr(App, "publish_many"):
         return None
     return "App.publish_many does not exist yet"
+
+
+class Trivial(Middleware):
+    """Overrides both hooks and does nothing: the least a middleware costs."""
+
+    async def around(self, call: Call, proceed: Callable[[], Awaitable[None]]) -> None:
+        await proceed()
+
+    def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
+        return None
+
+
+def metrics_missing() -> str | None:
+    """None if asyncstreams.prometheus and prometheus_client can be imported; else why not."""
+    try:
+        import asyncstreams.prometheus  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as exc:
+        return f"metrics cannot be imported here ({exc})"
+    return None
+
+
+def _add_middleware(app: App, middleware: str) -> None:
+    if middleware == "trivial":
+        app.add_middleware(Trivial())
+    elif middleware == "metrics":
+        from asyncstreams.prometheus import instrument
+
+        instrument(app)
 
 
 def _handler(shape: str, sink: Sink) -> Callable[..., Awaitable[None]]:
@@ -95,6 +124,7 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
     elif spec.streams:
         streams = list(spec.streams)
     app.consumer(streams, **options)(_handler(spec.shape, sink))
+    _add_middleware(app, spec.middleware)
     async with app:
         yield
 
