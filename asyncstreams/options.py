@@ -138,6 +138,14 @@ class ConsumerOptions:
             "deleted, so unique names do not pile up; `None`: never"
         ),
     )
+    trim_acked_every: float | None = field(
+        default=None,
+        metadata=_doc(
+            "seconds; this often, one process among those consuming the stream (a Redis "
+            "lock per stream) removes the entries every group has read and acked, as "
+            "`App.trim` does; `None`: never (the stream grows unless producers trim it)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         owner = "consumer"
@@ -192,6 +200,8 @@ class ConsumerOptions:
         if self.max_payload_bytes is not None:
             _positive_int(owner, "max_payload_bytes", self.max_payload_bytes)
         _positive_int(owner, "max_memory_bytes", self.max_memory_bytes)
+        if self.trim_acked_every is not None:
+            _positive_number(owner, "trim_acked_every", self.trim_acked_every)
         if self.delete_idle_consumers_after is not None:
             _non_negative_number(
                 owner, "delete_idle_consumers_after", self.delete_idle_consumers_after
@@ -294,6 +304,15 @@ def _positive_int(owner: str, name: str, value: object) -> None:
 def _non_negative_number(owner: str, name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ConfigurationError(f"{owner}: {name} must be a number >= 0, got {value!r}")
+
+
+def _positive_number(owner: str, name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
+        raise ConfigurationError(f"{owner}: {name} must be a number > 0, got {value!r}")
 
 
 def _name(owner: str, what: str, value: object) -> None:

@@ -20,6 +20,9 @@ and its delivery counters, so the bounds hold across processes and restarts:
 - Forgotten consumers. Consumers of the group with nothing pending, idle for
   `delete_idle_consumers_after`, are deleted (XGROUP DELCONSUMER, in a script that checks
   the PEL in the same step), so the unique names of past processes do not pile up.
+- Trimming, with `trim_acked_every`. Every so often, the consumer that takes a stream's
+  trim lock (SET NX PX for the interval: one process per interval, however many run)
+  removes the entries every group has read and acked (`App.trim`'s script).
 
 Claims take on only what the ledger has room for; retries are held already and need none.
 """
@@ -28,12 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 
-from . import _commands
+from . import _commands, _trim
 from ._backoff import Outage
 from ._nodes import Nodes
+from ._transport import REFUSALS
 from .deadletter import Reason
+from .errors import NotFoundError, RedisRefusedError
 from .failures import Failures
 from .ledger import Ledger
 from .message import Entry, entry
@@ -84,6 +90,11 @@ class Recovery:
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
         after = options.delete_idle_consumers_after
         self._cleanup_interval = None if after is None else min(max(after / 2, 1.0), 300.0)
+        self._trim_interval = options.trim_acked_every
+        # A token of this consumer's for the trim lock (no two processes trim one stream in
+        # the same interval).
+        self._trim_token = secrets.token_hex(8)
+        self.trimmed = 0
         # True while a step talks to Redis (a stop then lets it finish); False between steps.
         self.busy = False
 
@@ -128,6 +139,9 @@ class Recovery:
             if due["renew"] <= now:
                 await self._step(self._renew)
                 due["renew"] = loop.time() + self._renew_interval
+            if self._trim_interval is not None and due.setdefault("trim", now) <= now:
+                await self._step(self._trim_acked)
+                due["trim"] = loop.time() + self._trim_interval
             if self._cleanup_interval is not None and due["cleanup"] <= now:
                 await self._step(self._forget_idle_consumers)
                 due["cleanup"] = loop.time() + self._cleanup_interval
@@ -348,6 +362,51 @@ class Recovery:
                 self.renewed += len(renewed)
                 self._ledger.unpark(stream, [i for i in chunk if i not in renewed])
             log.debug("%s: renewed %d held entries of %s", self._where, len(held), stream)
+        return False
+
+    async def _trim_acked(self) -> bool:
+        """Remove the entries of each stream that every group has read and acked, where this
+        consumer takes the stream's trim lock for the interval (SET NX PX)."""
+        interval = self._trim_interval
+        assert interval is not None
+        for stream in self._options.names:
+            lock = f"{stream}:trim-lock"
+            try:
+                taken = await self._nodes.raw(
+                    lock, "SET", lock, self._trim_token, "NX", "PX", max(1, int(interval * 1000))
+                )
+            except REFUSALS as exc:
+                log.error(
+                    "%s: trim_acked_every is off from now on: the trim lock %s was refused "
+                    "(%s); expected +set in the ACL",
+                    self._where,
+                    lock,
+                    exc,
+                )
+                self._trim_interval = None
+                return False
+            if taken is None:
+                continue  # another process trims it this interval
+            try:
+                result = await _trim.trim(self._nodes, stream)
+            except NotFoundError:
+                continue  # the stream is gone (it is made again with the group)
+            except RedisRefusedError as exc:
+                log.error("%s: trim_acked_every is off from now on: %s", self._where, exc)
+                self._trim_interval = None
+                return False
+            self.trimmed += result.removed
+            log.log(
+                logging.INFO if result.removed else logging.DEBUG,
+                "%s: trimmed %d entries of %s that every group has acked; %d remain%s",
+                self._where,
+                result.removed,
+                stream,
+                result.remaining,
+                f" (held back by group {result.held_back_by}: {result.held_back_because})"
+                if result.held_back_by
+                else "",
+            )
         return False
 
     async def _forget_idle_consumers(self) -> bool:
