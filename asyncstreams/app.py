@@ -274,6 +274,10 @@ class App:
 
     # -- publishing --------------------------------------------------------------------
 
+    # Set by `asyncstreams.otel.instrument_tracing`: the fields that carry the current trace
+    # context (`traceparent`, ...), added to each entry published. None: nothing is added.
+    _trace_fields: Callable[[], Mapping[str, str]] | None = None
+
     async def publish(
         self,
         stream: str | Partitioned,
@@ -318,6 +322,9 @@ class App:
         ):
             raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
         field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
+        if self._trace_fields is not None and (carried := self._trace_fields()):
+            # The payload's own field of the same name, if any, is kept.
+            field_maps = [{**carried, **fields} for fields in field_maps]
         streams = self._streams_for(stream, keys, len(field_maps))
         return await _commands.add(
             await self.servers(),
