@@ -16,15 +16,15 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
-from . import __version__, _commands, _ops_cli, describe
+from . import __version__, _commands, _logsetup, _ops_cli, _reload, _run_options, describe
 from ._arguments import positive_int, url
+from ._supervisor import supervise
 from .app import App
 from .deadletter import DeadLetterEntry
 from .errors import AsyncstreamsError, ConfigurationError, RedisRefusedError
-from .runner import WORKER_URL_ENV, RunConfig, display_path, run, supervise
+from .runner import WORKER_URL_ENV, RunConfig, display_path, run
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-LOOPS = ("auto", "uvloop", "asyncio")
+log = logging.getLogger("asyncstreams.cli")
 
 
 class TargetError(AsyncstreamsError):
@@ -80,57 +80,20 @@ def _caller(exc: BaseException) -> str:
     return ""
 
 
-def _grace_period(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds as a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asyncstreams", description="Run Redis Streams consumers written with asyncstreams."
     )
     parser.add_argument("--version", action="version", version=f"asyncstreams {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    runp = commands.add_parser("run", help="run the consumers of an app until SIGINT/SIGTERM")
+    runp = commands.add_parser(
+        "run",
+        help="run the consumers of an app until SIGINT/SIGTERM",
+        description="Run the consumers of an app until SIGINT/SIGTERM.",
+        epilog=_run_options.epilog(),
+    )
     runp.add_argument("target", help='where the App is, as "module:attribute" (e.g. tasks:app)')
-    runp.add_argument("--url", type=url, help="Redis URL; overrides App(url) and $ASYNCSTREAMS_URL")
-    runp.add_argument(
-        "--workers", type=positive_int, default=1, metavar="N", help="processes to run (default 1)"
-    )
-    runp.add_argument(
-        "--log-level",
-        type=str.lower,  # INFO and Info are info
-        choices=LOG_LEVELS,
-        default="info",
-        help="critical, error, warning, info (default) or debug, in any case",
-    )
-    runp.add_argument(
-        "--grace-period",
-        type=_grace_period,
-        metavar="SECONDS",
-        help="how long running handlers may finish after a stop signal (default: the App's)",
-    )
-    runp.add_argument(
-        "--embedded",
-        action="store_true",
-        help="start a private redis-server on a free loopback port and use it",
-    )
-    runp.add_argument(
-        "--embedded-cluster",
-        action="store_true",
-        help="start a private Redis Cluster (3 masters on free loopback ports) and use it",
-    )
-    runp.add_argument(
-        "--loop",
-        choices=LOOPS,
-        default="auto",
-        help="event loop: uvloop when installed (auto), or plain asyncio",
-    )
+    _run_options.add_arguments(runp)
     describe.add_parser(commands)
     dlq = commands.add_parser(
         "dead-letters",
@@ -266,14 +229,6 @@ def _as_json(entry: DeadLetterEntry) -> str:
     return _ESCAPED_BYTE.sub(lambda found: f"\\u{ord(found[0]):04x}", line)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "dead-letters":
@@ -282,39 +237,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _ops_cli.command(args)
     if args.command == "describe":
         return describe.command(args, load=import_app)
-    configure_logging(args.log_level)
-    given = [
-        flag
-        for flag, value in [
-            ("--embedded", args.embedded),
-            ("--embedded-cluster", args.embedded_cluster),
-            ("--url", args.url),
-        ]
-        if value
-    ]
-    if len(given) > 1:
-        print(f"asyncstreams: error: {' and '.join(given)} exclude each other", file=sys.stderr)
-        return 2
-    config = RunConfig(
-        target=args.target,
-        url=args.url or os.environ.pop(WORKER_URL_ENV, None),
-        workers=args.workers,
-        log_level=args.log_level,
-        grace_period=args.grace_period,
-        embedded=args.embedded,
-        embedded_cluster=args.embedded_cluster,
-        loop=args.loop,
-    )
     try:
+        config = _run_config(args)
+    except ConfigurationError as exc:
+        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        return 2
+    _logsetup.configure(config.log_level, config.log_format)
+    try:
+        if config.reload:
+            _reload.check_installed()
         app = import_app(config.target)
-        if config.workers > 1:
+        if config.workers > 1 or config.reload:
             return supervise(config)
         return run(app, config)
     except (TargetError, ConfigurationError, RedisRefusedError) as exc:
         # Wrong where the app is, how it is configured or which Redis it may use: starting
         # it again as it is cannot help.
-        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        _error(exc, config)
         return 2
     except AsyncstreamsError as exc:  # RedisUnavailableError: it may work once Redis is up
-        print(f"asyncstreams: error: {exc}", file=sys.stderr)
+        _error(exc, config)
         return 1
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """`run`'s settings: each option's flag, else its variable, else its default."""
+    resolved = _run_options.resolve(args, os.environ)
+    values, sources = resolved.values, resolved.sources
+    given = [sources[name] for name in ("embedded", "embedded_cluster", "url") if values[name]]
+    if len(given) > 1:
+        raise ConfigurationError(f"{' and '.join(given)} exclude each other")
+    values["url"] = values["url"] or os.environ.pop(WORKER_URL_ENV, None)
+    return RunConfig(target=args.target, **values)
+
+
+def _error(exc: BaseException, config: RunConfig) -> None:
+    """The one line an error at start ends the command with: a JSON record under
+    --log-format json, so that every line on stderr is one."""
+    if config.log_format == "json":
+        log.error("%s", exc)
+    else:
+        print(f"asyncstreams: error: {exc}", file=sys.stderr)

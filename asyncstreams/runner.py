@@ -1,8 +1,10 @@
-"""The process edge: event loop choice, signals, worker processes, exit codes.
+"""The process edge: event loop choice, signals, exit codes; the supervisor of worker
+processes is in _supervisor.py.
 
-Only this module installs signal handlers, always on the main thread, restoring what was
-there afterwards. First SIGINT/SIGTERM (and, from the CLI, SIGHUP): graceful stop. Second:
-stop now. A supervisor of `--workers` takes SIGHUP as "restart the workers one at a time".
+Only these two modules install signal handlers, always on the main thread, restoring what
+was there afterwards. First SIGINT/SIGTERM (and, from the CLI, SIGHUP): graceful stop. Second:
+stop now. A supervisor of `--workers` takes SIGHUP as "restart the workers one at a time",
+and so does one of `--reload` a change to a .py file.
 """
 
 from __future__ import annotations
@@ -12,19 +14,12 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 
 import anyio
 
-from ._backoff import Backoff
-from ._process import die_with_parent
 from .app import App, OnStarted
 from .embedded import EmbeddedCluster, EmbeddedRedis
 from .errors import AsyncstreamsError, ConfigurationError
@@ -38,18 +33,6 @@ CLI_STOP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 # command line, where `ps` would show a password) and a pipe to write one byte to once started.
 WORKER_URL_ENV = "_ASYNCSTREAMS_WORKER_URL"
 WORKER_READY_FD_ENV = "_ASYNCSTREAMS_READY_FD"
-# A worker that exits after it started is restarted after a pause: up to RESTART_DELAY s the
-# first time, doubling with each exit up to RESTART_MAX_DELAY (each pause drawn from the
-# upper half of its range, so that workers that died together do not start together). A
-# worker that ran for RESTART_RESET_AFTER seconds starts again from the first pause. One that
-# exits GIVE_UP_EXITS times within GIVE_UP_WINDOW seconds stops the supervisor: it would only
-# die again.
-RESTART_DELAY = 0.5
-RESTART_MAX_DELAY = 30.0
-RESTART_RESET_AFTER = 60.0
-GIVE_UP_EXITS = 5
-GIVE_UP_WINDOW = 60.0
-WATCH_INTERVAL = 0.05
 
 
 class ForcedStop(AsyncstreamsError):
@@ -68,6 +51,8 @@ class RunConfig:
     embedded: bool = False
     embedded_cluster: bool = False
     loop: str = "auto"
+    reload: bool = False
+    log_format: str = "text"
 
 
 def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -158,7 +143,7 @@ def run(app: App, config: RunConfig) -> int:
             _announce(int(ready_fd))
 
     factory = loop_factory(config.loop)
-    with _embedded_redis(config) as url:
+    with embedded_redis(config) as url:
         app.configure(url=url, grace_period=config.grace_period)
         status = OnStarted(on_started)
         try:
@@ -199,7 +184,7 @@ def _announce(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _embedded_redis(config: RunConfig) -> Iterator[str | None]:
+def embedded_redis(config: RunConfig) -> Iterator[str | None]:
     if config.embedded_cluster:
         with EmbeddedCluster() as cluster:
             log.info(
@@ -218,238 +203,3 @@ def _embedded_redis(config: RunConfig) -> Iterator[str | None]:
     with EmbeddedRedis() as server:
         log.info("embedded redis-server %s on %s (pid %d)", server.binary, server.url, server.pid)
         yield server.url
-
-
-# -- workers ---------------------------------------------------------------------------
-
-
-class _Worker:
-    """One worker process of a supervisor: its process, its readiness pipe, its restarts."""
-
-    def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
-        self.index = index
-        self._command = command
-        self._env = env
-        self.process: subprocess.Popen[bytes] | None = None  # None: waiting to be restarted
-        self.ready = False
-        self.ever_ready = False  # this slot ran once: failing to start again is a restart
-        self._pipe = -1
-        self.started_at = 0.0
-        self.signals_sent = 0  # stop signals sent to the current process
-        self.replacing = False  # stopped by a SIGHUP restart, to be replaced at once
-        self.restart_at = 0.0
-        self.exits: deque[float] = deque()
-        self.backoff = Backoff(base=RESTART_DELAY, cap=RESTART_MAX_DELAY)
-
-    def start(self) -> None:
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        env = {**self._env, WORKER_READY_FD_ENV: str(write_end)}
-        try:
-            self.process = subprocess.Popen(
-                self._command,
-                env=env,
-                pass_fds=(write_end,),
-                start_new_session=True,  # Ctrl-C reaches the supervisor, which forwards it
-                preexec_fn=die_with_parent(),
-            )
-        finally:
-            os.close(write_end)
-        self.ready = False
-        self._pipe = read_end
-        self.started_at = time.monotonic()
-        self.signals_sent = 0
-        self.replacing = False
-
-    def poll(self) -> int | None:
-        """The exit code once the worker has exited; notes readiness on the way."""
-        assert self.process is not None
-        if not self.ready and self._pipe >= 0:
-            with contextlib.suppress(BlockingIOError):
-                if os.read(self._pipe, 1):
-                    self.ready = self.ever_ready = True
-        code = self.process.poll()
-        if code is not None and self._pipe >= 0:
-            os.close(self._pipe)
-            self._pipe = -1
-        return code
-
-    def send(self, signum: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.signals_sent += 1
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signum)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-
-def supervise(config: RunConfig) -> int:
-    """Run `config.workers` processes of the app, each with its own consumers.
-
-    SIGINT or SIGTERM is passed on to every worker (twice: stop now); the exit code is 0 when
-    all stopped cleanly. SIGHUP restarts the workers one at a time. A worker that dies before
-    it ever started stops them all (the others would fail the same way), with its exit code.
-    One that dies later is restarted with a growing pause; if it keeps dying (GIVE_UP_EXITS
-    exits within GIVE_UP_WINDOW seconds) all are stopped and the exit code is 1.
-    """
-    loop_factory(config.loop)  # --loop uvloop without uvloop: say so once, not per worker
-    command = [sys.executable, "-m", "asyncstreams", "run", config.target]
-    command += ["--log-level", config.log_level, "--loop", config.loop]
-    if config.grace_period is not None:
-        command += ["--grace-period", repr(config.grace_period)]
-    with _embedded_redis(config) as url:
-        env = dict(os.environ)
-        if url is not None:
-            env[WORKER_URL_ENV] = url
-        workers = [_Worker(index, command, env) for index in range(1, config.workers + 1)]
-        received: list[int] = []
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            received.append(signum)  # acted on by the watch loop, within WATCH_INTERVAL
-
-        previous = {sig: signal.signal(sig, on_signal) for sig in CLI_STOP_SIGNALS}
-        try:
-            for worker in workers:
-                worker.start()
-                log.info("started worker %d (pid %d)", worker.index, worker.pid)
-            return _Supervisor(workers, received).watch()
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
-class _Supervisor:
-    """The watch loop of `supervise`: signals, exits, restarts, SIGHUP restarts."""
-
-    def __init__(self, workers: list[_Worker], received: list[int]) -> None:
-        self.workers = workers
-        self.received = received  # appended to by the signal handler
-        self.handled = 0  # how many of `received` were acted on
-        self.stop_signals = 0  # SIGINT/SIGTERM received: the second stops the workers now
-        self.stopping = False
-        self.exit_code: int | None = None  # set when the supervisor stops all on its own
-        self.codes: list[int] = []  # exit codes of the workers that stopped with the rest
-        self.reload_at: float | None = None  # workers started before it are to be restarted
-
-    def watch(self) -> int:
-        running = set(self.workers)
-        while running:
-            time.sleep(WATCH_INTERVAL)
-            while self.handled < len(self.received):
-                self.handled += 1
-                self._on_signal(signal.Signals(self.received[self.handled - 1]))
-            for worker in list(running):
-                if worker.process is None:
-                    if self.stopping:
-                        running.discard(worker)
-                    elif time.monotonic() >= worker.restart_at:
-                        worker.start()
-                        log.info("restarted worker %d (pid %d)", worker.index, worker.pid)
-                    continue
-                code = worker.poll()
-                if code is None:
-                    continue
-                if self.stopping:
-                    # A worker still starting has no signal handlers yet: the stop signal
-                    # passed on to it ends it outright, which is a clean stop all the same.
-                    stopped_early = not worker.ready and -code in STOP_SIGNALS
-                    self.codes.append(0 if stopped_early else code)
-                    running.discard(worker)
-                else:
-                    self._on_exit(worker, code)
-            if not self.stopping:
-                self._reload_next()
-        if self.exit_code is not None:
-            return self.exit_code
-        return 0 if all(code == 0 for code in self.codes) else 1
-
-    def _on_signal(self, signum: signal.Signals) -> None:
-        if signum == signal.SIGHUP:
-            if self.stopping:
-                log.info("SIGHUP received while stopping: ignored")
-                return
-            log.info("SIGHUP received: restarting the %d workers one at a time", len(self.workers))
-            self.reload_at = time.monotonic()
-            return
-        self.stop_signals += 1
-        self.stopping = True
-        for worker in self.workers:
-            # A worker stopping for a SIGHUP restart was sent SIGTERM already: this
-            # signal counts as the first for it too, not as a second that stops it now.
-            if worker.signals_sent < self.stop_signals:
-                worker.send(signum)
-
-    def _on_exit(self, worker: _Worker, code: int) -> None:
-        pid = worker.pid
-        now = time.monotonic()
-        uptime = now - worker.started_at
-        worker.process = None
-        if worker.replacing:
-            log.info("worker %d (pid %d) stopped with code %d", worker.index, pid, code)
-            worker.restart_at = now
-            return
-        if not worker.ever_ready:
-            log.error(
-                "worker %d (pid %d) exited with code %d before it started; stopping all",
-                worker.index,
-                pid,
-                code,
-            )
-            self._stop_all(code if code > 0 else 1)  # 1 for a signal (negative) or 0
-            return
-        worker.exits.append(now)
-        while worker.exits[0] < now - GIVE_UP_WINDOW:
-            worker.exits.popleft()
-        if len(worker.exits) >= GIVE_UP_EXITS:
-            log.error(
-                "worker %d (pid %d) exited %d times within %.1f s, the last time with code %d; "
-                "giving up: stopping all workers",
-                worker.index,
-                pid,
-                len(worker.exits),
-                now - worker.exits[0],
-                code,
-            )
-            self._stop_all(1)
-            return
-        if uptime >= RESTART_RESET_AFTER:
-            worker.backoff.reset()
-        delay = worker.backoff.next_delay()
-        worker.restart_at = now + delay
-        log.error(
-            "worker %d (pid %d) exited with code %d after %.1f s; restarting it in %.1f s",
-            worker.index,
-            pid,
-            code,
-            uptime,
-            delay,
-        )
-
-    def _stop_all(self, code: int) -> None:
-        self.exit_code = code
-        self.stopping = True
-        for worker in self.workers:
-            if worker.signals_sent == 0:
-                worker.send(signal.SIGTERM)
-
-    def _reload_next(self) -> None:
-        """SIGHUP: SIGTERM one worker started before it; the next once its new one runs."""
-        if self.reload_at is None:
-            return
-        if not all(
-            worker.process is not None and worker.ready and not worker.replacing
-            for worker in self.workers
-        ):
-            return  # one is stopping, starting or waiting for its restart: one at a time
-        due = [worker for worker in self.workers if worker.started_at < self.reload_at]
-        if not due:
-            log.info("restarted all %d workers", len(self.workers))
-            self.reload_at = None
-            return
-        worker = due[0]
-        log.info("restarting worker %d (pid %d): SIGTERM sent", worker.index, worker.pid)
-        worker.replacing = True
-        worker.send(signal.SIGTERM)

@@ -110,13 +110,18 @@ class CliProcess:
     """`python -m asyncstreams run ...` as a real child process, its stderr kept in a file."""
 
     def __init__(
-        self, args: list[str], *, env: Mapping[str, str] | None = None, log_path: Path
+        self,
+        args: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: Path,
+        cwd: Path = ROOT,
     ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "asyncstreams", *args],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from asyncstreams._slots import key_slot
+from asyncstreams._supervisor import GIVE_UP_WINDOW, RESTART_DELAY
 from asyncstreams.deadletter import DeadLetter
 from asyncstreams.embedded import free_port
-from asyncstreams.runner import GIVE_UP_WINDOW, RESTART_DELAY
 
 from .apps.ledger import read as read_events
 from .conftest import Names
