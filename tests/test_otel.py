@@ -5,6 +5,7 @@ that `publish` writes into entries."""
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -362,3 +363,25 @@ def test_without_opentelemetry_the_error_says_what_to_install(
 def test_every_name_in_all_resolves() -> None:
     for name in asyncstreams.otel.__all__:
         assert getattr(asyncstreams.otel, name) is not None
+
+
+def test_without_opentelemetry_an_app_publishes_as_before(redis_url: str, names: Names) -> None:
+    """In a process where opentelemetry cannot be imported: asyncstreams works, publishes
+    no trace field, and never tries to load asyncstreams.otel."""
+    code = f"""
+import sys
+sys.modules["opentelemetry"] = None
+import anyio, asyncstreams, asyncstreams.testing
+
+async def main():
+    async with asyncstreams.App({redis_url!r}) as app:
+        await app.publish({names.stream!r}, {{"n": "1"}})
+        print((await app.redis.xrange({names.stream!r}))[0][1])
+
+anyio.run(main)
+assert "asyncstreams.otel" not in sys.modules
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "{b'n': b'1'}"
