@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import anyio
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -102,6 +103,12 @@ def ids(context: SpanContext) -> tuple[int, int]:
     return context.trace_id, context.span_id
 
 
+def open_spans(app: App) -> int:
+    """How many entries the app's Tracing still holds a span open for."""
+    (tracing,) = [m for m in app.middleware if isinstance(m, Tracing)]
+    return len(tracing._open)
+
+
 def traceparent(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
@@ -184,6 +191,7 @@ async def test_a_failure_is_recorded_and_the_retry_gets_a_span_of_its_own(
     assert retry.context is not None
     assert first.context is not None
     assert retry.context.span_id != first.context.span_id
+    assert open_spans(app) == 0
 
 
 async def test_the_producers_trace_continues_into_the_consumer_span(
@@ -264,6 +272,7 @@ async def test_a_batch_call_is_one_span_linked_to_each_producer(
     assert unfit.attributes is not None
     assert unfit.attributes["error.type"] == "DecodeError"
     assert unfit.attributes["asyncstreams.outcome"] == "dead_lettered"
+    assert open_spans(app) == 0
 
 
 async def test_metrics_count_entries_and_time_calls(
@@ -385,3 +394,27 @@ assert "asyncstreams.otel" not in sys.modules
         [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
     )
     assert done.stdout.strip() == "{b'n': b'1'}"
+
+
+async def test_a_call_cut_short_by_the_stop_ends_its_span_cancelled(
+    redis_url: str, names: Names, client: aioredis.Redis, telemetry: Telemetry
+) -> None:
+    """No span is left open: the stop's cancellation settles the call, and is no error."""
+    app = App(redis_url, grace_period=0.05)
+    instrument_tracing(app, tracer_provider=telemetry.tracer_provider)
+    started = anyio.Event()
+
+    @app.consumer(names.stream, group=names.group)
+    async def handle(item: Item) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    async with app:
+        await app.publish(names.stream, Item(1))
+        await started.wait()
+    (span,) = await telemetry.wait_spans(1)
+    assert span.attributes is not None
+    assert span.attributes["asyncstreams.outcome"] == "cancelled"
+    assert span.status.status_code is StatusCode.UNSET
+    assert "error.type" not in span.attributes
+    assert open_spans(app) == 0
