@@ -225,7 +225,7 @@ class _Supervisor:
                 log.info("SIGHUP received while stopping: ignored")
                 return
             log.info("SIGHUP received: restarting the %d workers one at a time", len(self.workers))
-            self.reload_at = time.monotonic()
+            self._restart_all()
             return
         self.stop_signals += 1
         self.stopping = True
@@ -244,6 +244,11 @@ class _Supervisor:
         count = len(self.workers)
         what = "the app" if count == 1 else f"the {count} workers one at a time"
         log.info("changed: %s; restarting %s", shown, what)
+        self._restart_all()
+
+    def _restart_all(self) -> None:
+        """Restart the workers started before now, one at a time (`_reload_next`), and
+        start at once those that wait for a change (--reload)."""
         now = time.monotonic()
         self.reload_at = now
         for worker in self.workers:

@@ -158,7 +158,11 @@ def test_a_broken_edit_waits_for_the_fix(
         cli=cli,
     )
     assert "SyntaxError" in cli.output()
-    assert re.search(r"worker 1 \(pid \d+\) exited with code 1;", cli.output())
+    exited = r"worker 1 \(pid \d+\) exited with code 1; it starts again once a .py file changes"
+    assert len(re.findall(exited, cli.output())) == 1
+    # SIGHUP starts it again too: still broken, it exits again, and waits.
+    cli.signal(signal.SIGHUP)
+    wait_until(lambda: len(re.findall(exited, cli.output())) == 2, what="a second exit", cli=cli)
     write_app(app_folder, "second")
     wait_until(lambda: cli.output().count(RUNNING) == 2, what="the fixed app running", cli=cli)
 
