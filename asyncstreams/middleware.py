@@ -59,7 +59,8 @@ class Call:
 
     `handler` is the handler's qualified name; `duration` the seconds the call took, set
     once it returned or raised (0.0 for entries that never reached the handler: those that
-    do not decode or are too large). `messages` and `ids` are built on first use.
+    do not decode or are too large). `messages` and `ids` are built on first use;
+    `entries` is the cheapest view, for middleware on the hot path (metrics).
     """
 
     __slots__ = ("_entries", "_messages", "consumer", "duration", "group", "handler")
@@ -90,6 +91,13 @@ class Call:
                 Message.from_entry(e[1], e[2], e[0], group, consumer, e[3]) for e in self._entries
             ]
         return self._messages
+
+    @property
+    def entries(self) -> Sequence[Entry]:
+        """The entries as the consumer holds them, not copied: tuples of (stream, entry id
+        as bytes, the flat [name, value, ...] field list, deliveries, size in bytes). Read
+        them; do not change them."""
+        return self._entries
 
     @property
     def ids(self) -> list[tuple[str, str]]:
