@@ -26,3 +26,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
     return value
+
+
+def http_address(text: str) -> tuple[str | None, int]:
+    """`HOST:PORT` to serve HTTP on (`--http`): `127.0.0.1:9000`, `[::1]:9000`, or `:9000`
+    for every interface (host None); port 0 picks a free one."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (e.g. 127.0.0.1:9000, [::1]:9000 or :9000), got {text!r}"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"expected an IPv6 address in brackets (e.g. [::1]:9000), got {text!r}"
+        )
+    return host or None, int(port)

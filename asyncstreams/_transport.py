@@ -18,7 +18,7 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AskError,
     AuthenticationError,
@@ -192,6 +192,27 @@ async def check_reachable(client: Redis) -> None:
         raise RedisUnavailableError(
             f"cannot reach Redis at {describe(client)}: {explain(exc)}"
         ) from None
+
+
+async def ping(url: str, timeout: float) -> None:
+    """PING on a connection of its own, opened for it and closed after it, all within
+    `timeout` seconds (RedisTimeoutError past it; connecting is not retried): not one of an
+    app's pool, which its handlers may all be using. For health checks."""
+    client = Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        client_name=f"asyncstreams-health-{os.getpid()}",
+        protocol=2,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            await raw(client, "PING")
+    except TimeoutError:
+        raise RedisTimeoutError(f"no reply to PING within {timeout:g} s") from None
+    finally:
+        await client.aclose()
 
 
 def refused(client: Redis, exc: BaseException) -> RedisRefusedError:

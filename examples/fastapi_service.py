@@ -11,12 +11,16 @@ the web service's event loop, and stop (handlers finished, acks sent) when it sh
 
     curl -X POST localhost:8000/tasks -H 'content-type: application/json' -d '{"data": "hi"}'
     curl localhost:8000/stats
+    curl localhost:8000/ops/readyz
 
 `POST /tasks` publishes a Task to the `task_queue` stream and returns its entry id;
 `GET /stats` says how many tasks the embedded consumer (group `task_consumers`) has handled;
 `GET /health` answers 503 once the consumers have stopped for good: if one of them fails
 (Redis refuses its reads, say), the lifespan ends with that error, and uvicorn logs it but
 goes on serving HTTP, so it is the health check that tells the orchestrator to restart.
+`/ops` mounts asyncstreams' own routes (`asyncstreams.health.asgi_app`): `/ops/healthz`
+(liveness), `/ops/readyz` (readiness: the consumers run and Redis answers) and
+`/ops/metrics` (404 here: `asgi_app(worker, metrics=...)` gives it an exposition).
 asyncstreams logs through `logging`; uvicorn only configures its own loggers, so add
 `--log-config` (or `logging.basicConfig`) to see the consumers' start and stop lines.
 """
@@ -36,6 +40,7 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel
 
 from asyncstreams import App, Message
+from asyncstreams.health import asgi_app
 
 log = logging.getLogger("examples.fastapi_service")
 
@@ -97,6 +102,7 @@ def create_service(
 
     api = FastAPI(title="asyncstreams task service", lifespan=lifespan)
     api.state.worker = worker
+    api.mount("/ops", asgi_app(worker))
 
     @api.post("/tasks", status_code=202)
     async def enqueue(body: NewTask) -> Enqueued:

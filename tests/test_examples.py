@@ -105,6 +105,10 @@ async def test_fastapi_service_handles_what_it_publishes(
                 200,
                 {"consuming": True, "failure": None},
             )
+            live = await http.get("/ops/healthz")
+            assert (live.status_code, live.json()) == (200, {"status": "alive", "running": True})
+            ready = await http.get("/ops/readyz")
+            assert (ready.status_code, ready.json()) == (200, {"status": "ready", "consumers": 1})
 
         async def nothing_pending() -> bool:
             return await pending_count(client, names.stream, names.group) == 0
