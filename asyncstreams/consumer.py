@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import anyio
@@ -27,6 +28,7 @@ import anyio.abc
 from . import _commands
 from ._backoff import Outage
 from ._commands import Acker, GroupReader
+from ._logsetup import log_context
 from ._nodes import Nodes
 from ._tasks import first_failure
 from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, refuses
@@ -168,7 +170,24 @@ class Consumer:
 
         Steps 4 to 6 also run when one of the consumer's tasks fails or `run` is cancelled;
         the failure is raised afterwards.
+
+        Every line it logs, in every task of it, carries its group and consumer (and its
+        stream, when it reads one) for `--log-format json`.
         """
+        with self._log_context():
+            await self._consume(stop, grace_period, task_status)
+
+    def _log_context(self) -> AbstractContextManager[None]:
+        names = self.options.names
+        return log_context(
+            group=self.options.group,
+            consumer=self.name,
+            stream=names[0] if len(names) == 1 else None,
+        )
+
+    async def _consume(
+        self, stop: anyio.Event, grace_period: float, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
         self._stop = stop
         try:
             async with anyio.create_task_group() as tasks:
@@ -243,14 +262,15 @@ class Consumer:
         """Create the groups at start. A read-only replica or a refusal (ACL, login) is a
         RedisRefusedError; an outage, or a full Redis that cannot create a missing group, is
         ridden out."""
-        try:
-            await self.ensure_groups()
-        except Exception as exc:
-            if refuses(exc):
-                raise refused(self.nodes.seed, exc) from None
-            if not is_transient(exc):
-                raise
-            await self._outage.ride(self.ensure_groups)
+        with self._log_context():
+            try:
+                await self.ensure_groups()
+            except Exception as exc:
+                if refuses(exc):
+                    raise refused(self.nodes.seed, exc) from None
+                if not is_transient(exc):
+                    raise
+                await self._outage.ride(self.ensure_groups)
 
     async def ensure_groups(self) -> int:
         """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine);

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from . import _commands
 from ._backoff import Backoff
 from ._logs import FailureLog
+from ._logsetup import ENTRY
 from ._moves import Moved, move
 from ._nodes import Nodes
 from ._transport import explain
@@ -313,11 +314,14 @@ class Failures:
                 await _commands.ack(self._nodes, stream, self._options.group, [entry_id])
                 ledger.moved(stream, entry_id)
                 continue
+            token = ENTRY.set((stream, entry_id.decode()))
             try:
                 await self._move(letter, flat)
             except Exception as failure:
                 self._move_failed(letter, failure)
                 return
+            finally:
+                ENTRY.reset(token)
             ledger.moved(stream, entry_id)
 
     # -- which retries run now ---------------------------------------------------------

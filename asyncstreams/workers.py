@@ -26,6 +26,7 @@ from functools import partial
 import anyio
 import anyio.abc
 
+from ._logsetup import ENTRY
 from ._tasks import cancel_and_wait
 from .codec import Invoke, InvokeBatch
 from .failures import Failures, TooLarge
@@ -197,12 +198,16 @@ class Workers:
         cancelled."""
         outcomes: list[Outcome] = []
         for index, (entry, exc) in enumerate(failed):
+            # What the failure policy logs of it names the entry (`--log-format json`).
+            token = ENTRY.set((entry[0], entry[1].decode()))
             try:
                 outcomes.append(await self._failures.failed(entry, exc, logged=index < logged))
             except BaseException:
                 self._ledger.cancelled([entry for entry, _ in failed[index:]])
                 self._report_split(failed, outcomes)
                 raise
+            finally:
+                ENTRY.reset(token)
         for _, exc in failed:
             if isinstance(exc, EXITS):
                 self._exit_requested(exc)

@@ -104,6 +104,18 @@ def test_json_lines_carry_context_and_the_exception(
     assert f"handler failed on entry {failing} of {names.stream}" in failure["message"]
     assert failure["exc_info"].startswith("Traceback (most recent call last):")
     assert failure["exc_info"].endswith("RuntimeError: log_app fails on purpose,\nin two lines")
+    # asyncstreams' own lines carry the consumer's context; those about an entry, its id.
+    assert (failure["stream"], failure["group"], failure["consumer"], failure["entry_id"]) == (
+        names.stream,
+        names.group,
+        consumer,
+        failing,
+    )
+    own = [record for record in records if record["logger"].startswith("asyncstreams.consumer")]
+    assert own
+    assert all(record.get("consumer") == consumer for record in own), own
+    [moved] = [record for record in own if "moved to dead-letter stream" in record["message"]]
+    assert moved["entry_id"] == failing
 
 
 def test_an_error_at_start_is_a_json_line_too(start_cli: StartCli) -> None:
