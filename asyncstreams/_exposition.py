@@ -1,10 +1,12 @@
 """The Prometheus text format (0.0.4), read and written back, to merge the metrics of a
 supervisor's workers into one exposition.
 
-Samples with the same name and labels are added up, but for `*_created` and
-`*_start_time_seconds` (timestamps: the earliest is kept) and `*_info` (a marker of 1: the
-largest is kept). A per-consumer gauge carries its own `consumer` label, so it passes through.
-Label values are kept as they were escaped; a sample's timestamp is dropped.
+Samples with the same name and labels are added up (counters, histograms, summaries and
+untyped ones), but for gauges: two workers that report a gauge with the same labels report
+one quantity twice (a group's lag, read by whichever holds its metrics lock), so the largest
+is kept; a per-consumer gauge carries its own `consumer` label and passes through. Gauges
+named `*_created` or `*_start_time_seconds` are times: the earliest is kept. Label values
+are kept as they were escaped; a sample's timestamp is dropped.
 
 A worker that restarts starts its counters again from 0. So that the sum never goes down
 (Prometheus would take the drop for a reset and count the other workers' totals again as
@@ -144,19 +146,19 @@ def merge(parts: Iterable[Families]) -> Families:
             into = merged.get(name)
             if into is None:
                 into = merged[name] = Family(name, family.type, family.help)
-            combine = _combiner(name)
+            combine = _combiner(into)
             for series, value in family.samples.items():
                 before = into.samples.get(series)
                 into.samples[series] = value if before is None else combine(before, value)
     return merged
 
 
-def _combiner(name: str) -> Callable[[float, float], float]:
-    if name.endswith(("_created", "_start_time_seconds")):
+def _combiner(family: Family) -> Callable[[float, float], float]:
+    if family.type != "gauge":
+        return operator.add
+    if family.name.endswith(("_created", "_start_time_seconds")):
         return min
-    if name.endswith("_info"):
-        return max
-    return operator.add
+    return max
 
 
 def monotonic(families: Families) -> Families:

@@ -25,8 +25,6 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._tasks import cancel_and_wait
-
 log = logging.getLogger("asyncstreams.health")
 
 # The request line and headers together; a probe's head is about 100 bytes.
@@ -201,19 +199,25 @@ async def _serve(
     headers: Sequence[tuple[str, str]],
     started: Callable[[], None],
 ) -> None:
-    """Serve until cancelled; then cancel the connections still open, and wait for them."""
-    connections: set[asyncio.Task[Any]] = set()
+    """Serve until cancelled; then cancel the connections still open, and wait for them.
+
+    Each connection runs in a cancel scope of its own, which the stop cancels: its task then
+    ends without raising CancelledError, which asyncio 3.11's server would log as an error
+    (its callback asks a cancelled task for its exception).
+    """
+    connections: dict[asyncio.Task[Any], anyio.CancelScope] = {}
 
     async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is None or len(connections) >= MAX_CONNECTIONS:
             writer.transport.abort()
             return
-        connections.add(task)
-        try:
-            await _connection(reader, writer, respond, headers)
-        finally:
-            connections.discard(task)
+        with anyio.CancelScope() as scope:
+            connections[task] = scope
+            try:
+                await _connection(reader, writer, respond, headers)
+            finally:
+                del connections[task]
 
     server = await start(connected)
     try:
@@ -222,7 +226,11 @@ async def _serve(
     finally:
         server.close()
         with anyio.CancelScope(shield=True):
-            await cancel_and_wait(connections, STOP_TIMEOUT)
+            open_ = list(connections.items())
+            for _, scope in open_:
+                scope.cancel()
+            if open_:
+                await asyncio.wait([task for task, _ in open_], timeout=STOP_TIMEOUT)
             with anyio.move_on_after(STOP_TIMEOUT):
                 await server.wait_closed()
 

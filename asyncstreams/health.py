@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ from . import _exposition, _http, _transport
 from ._http import ASGIApp, Response, Route, json_response
 from ._tasks import cancel_and_wait
 from .errors import ConfigurationError
+from .prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .prometheus import EXTRA
 
 if TYPE_CHECKING:
     from .app import App
@@ -49,21 +52,24 @@ __all__ = [
     "worker_sockets",
 ]
 
-Metrics = Callable[[], bytes]
+# What makes /metrics: an exposition in the text format, or an awaitable of one (e.g.
+# `instrument(app).scrape`, which reads the group figures first).
+Metrics = Callable[[], bytes | Awaitable[bytes]]
 
 # Set by a supervisor for each of its workers: the unix socket to serve the routes on.
 WORKER_SOCKET_ENV = "_ASYNCSTREAMS_HEALTH_SOCKET"
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NO_METRICS = Response(
     404,
-    b'no metrics: pip install "asyncstreams[prometheus]" to have them\n',
+    f"no metrics here; they need prometheus_client: {EXTRA}\n".encode(),
     "text/plain; charset=utf-8",
 )
 # How long /readyz waits for Redis to answer a PING (an orchestrator's probe gives up
 # after 1 s by default).
 PING_TIMEOUT = 0.5
-# How long the supervisor waits for a worker's answer, and the largest it reads.
+# How long the supervisor waits for a worker's answer to /healthz and /readyz, and to
+# /metrics (which may read the group figures from Redis first), and the largest it reads.
 WORKER_TIMEOUT = 1.0
+WORKER_METRICS_TIMEOUT = 5.0
 MAX_WORKER_REPLY_BYTES = 32 * 1024 * 1024
 # A worker's answers carry its pid: the supervisor tells its processes apart by it.
 PID_HEADER = "Asyncstreams-Pid"
@@ -111,10 +117,13 @@ def _not_ready(reason: str, **details: object) -> Response:
     return json_response(503, status="not ready", reason=reason, **details)
 
 
-def exposition(metrics: Metrics | None) -> Response:
+async def exposition(metrics: Metrics | None) -> Response:
     if metrics is None:
         return NO_METRICS
-    return Response(200, metrics(), METRICS_CONTENT_TYPE)
+    body = metrics()
+    if inspect.isawaitable(body):
+        body = await body
+    return Response(200, body, METRICS_CONTENT_TYPE)
 
 
 def app_routes(app: App, metrics: Metrics | None) -> dict[str, Route]:
@@ -125,7 +134,7 @@ def app_routes(app: App, metrics: Metrics | None) -> dict[str, Route]:
         return await readiness(app)
 
     async def metrics_() -> Response:
-        return exposition(metrics)
+        return await exposition(metrics)
 
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_}
 
@@ -251,25 +260,26 @@ def worker_sockets(directory: str | os.PathLike[str], count: int) -> list[str]:
 class _Workers:
     """The supervisor's routes: each asks every worker at once and answers for them all."""
 
-    def __init__(self, sockets: Sequence[str], timeout: float) -> None:
+    def __init__(self, sockets: Sequence[str], timeout: float, metrics_timeout: float) -> None:
         self._sockets = list(sockets)
         self._timeout = timeout
+        self._metrics_timeout = metrics_timeout
         self._parts = [_exposition.WorkerPart() for _ in self._sockets]
 
     def routes(self) -> dict[str, Route]:
         return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics}
 
-    async def _ask(self, target: str) -> list[_http.Reply | str]:
+    async def _ask(self, target: str, timeout: float) -> list[_http.Reply | str]:
         """Each worker's reply to GET `target`, or what kept it from answering."""
         answers: list[_http.Reply | str] = [""] * len(self._sockets)
 
         async def ask(index: int, path: str) -> None:
             try:
                 answers[index] = await _http.get_unix(
-                    path, target, timeout=self._timeout, max_bytes=MAX_WORKER_REPLY_BYTES
+                    path, target, timeout=timeout, max_bytes=MAX_WORKER_REPLY_BYTES
                 )
             except TimeoutError:
-                answers[index] = f"no answer within {self._timeout:g} s"
+                answers[index] = f"no answer within {timeout:g} s"
             except (OSError, _http.BadReply) as exc:
                 answers[index] = f"no answer ({_transport.explain(exc)})"
 
@@ -285,7 +295,7 @@ class _Workers:
         return await self._all("/readyz", "ready", "not ready")
 
     async def _all(self, target: str, good: str, bad: str) -> Response:
-        answers = await self._ask(target)
+        answers = await self._ask(target, self._timeout)
         failing = [
             _failing(number, answer)
             for number, answer in enumerate(answers, 1)
@@ -296,7 +306,7 @@ class _Workers:
         return json_response(200, status=good, workers=len(answers))
 
     async def metrics(self) -> Response:
-        answers = await self._ask("/metrics")
+        answers = await self._ask("/metrics", self._metrics_timeout)
         parts: list[_exposition.Families] = []
         statuses = set()
         for number, (part, answer) in enumerate(zip(self._parts, answers, strict=True), 1):
@@ -334,27 +344,42 @@ async def serve_supervisor_http(
     sockets: Sequence[str],
     *,
     timeout: float = WORKER_TIMEOUT,
+    metrics_timeout: float = WORKER_METRICS_TIMEOUT,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /healthz, /readyz and /metrics for the workers that serve theirs on `sockets`
     (`serve_worker_socket`; worker 1 first), on `host`:`port` until cancelled.
 
-    Each request asks every worker at once, waiting up to `timeout` seconds for each.
+    Each request asks every worker at once, waiting up to `timeout` seconds for each
+    (`metrics_timeout` for /metrics).
     /healthz and /readyz are 200 when every worker's is, else 503 listing the others with
     what they said (or why they did not answer). /metrics merges the workers' expositions
     (see `asyncstreams._exposition`); a worker that does not answer keeps its counters at
     their last values.
     """
-    await _serve_tcp(host, port, _Workers(sockets, timeout).routes(), task_status)
+    workers = _Workers(sockets, timeout, metrics_timeout)
+    await _serve_tcp(host, port, workers.routes(), task_status)
 
 
 @contextlib.contextmanager
 def supervisor_endpoint(
-    host: str | None, port: int, sockets: Sequence[str], *, timeout: float = WORKER_TIMEOUT
+    host: str | None,
+    port: int,
+    sockets: Sequence[str],
+    *,
+    timeout: float = WORKER_TIMEOUT,
+    metrics_timeout: float = WORKER_METRICS_TIMEOUT,
 ) -> Iterator[int]:
     """`serve_supervisor_http` in a thread of its own (with its own event loop) while the
     block runs, for a supervisor that has none; yields the port bound."""
-    serve = functools.partial(serve_supervisor_http, host, port, sockets, timeout=timeout)
+    serve = functools.partial(
+        serve_supervisor_http,
+        host,
+        port,
+        sockets,
+        timeout=timeout,
+        metrics_timeout=metrics_timeout,
+    )
     with anyio.from_thread.start_blocking_portal(name="asyncstreams http") as portal:
         future, bound = portal.start_task(serve, name="asyncstreams http")
         try:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +23,7 @@ from redis.exceptions import NoPermissionError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from asyncstreams import App, ConfigurationError, Message, _exposition, _http
+from asyncstreams import App, ConfigurationError, Message, _exposition, _http, health
 from asyncstreams._arguments import http_address
 from asyncstreams._process import die_with_parent
 from asyncstreams.health import (
@@ -41,7 +42,7 @@ from .helpers import ROOT, eventually, own_server, wait_for
 
 anyio_test = pytest.mark.anyio
 
-NO_METRICS = b'no metrics: pip install "asyncstreams[prometheus]" to have them\n'
+NO_METRICS = health.NO_METRICS.body
 
 
 def register(app: App, names: Names, handled: list[str] | None = None) -> None:
@@ -320,6 +321,13 @@ async def test_metrics_come_from_the_callable_in_the_text_format(redis_url: str)
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert response.content == exposition
+
+    async def scrape() -> bytes:
+        await anyio.lowlevel.checkpoint()
+        return exposition
+
+    async with http_client(app, metrics=scrape) as http:
+        assert (await http.get("/metrics")).content == exposition
     async with http_client(app) as http:
         off = await http.get("/metrics")
         assert (off.status_code, off.content) == (404, NO_METRICS)
@@ -409,6 +417,8 @@ jobs_total{queue="b"} 1.0
 jobs_created{queue="b"} 1700000100.0
 # TYPE in_flight gauge
 in_flight{consumer="c1"} 2.0
+# TYPE lag gauge
+lag{group="g"} 7.0
 # TYPE seconds histogram
 seconds_bucket{le="0.1"} 1.0
 seconds_bucket{le="+Inf"} 2.0
@@ -427,6 +437,8 @@ jobs_total{stream="s\\"x\\\\y\\nz", queue="a"} 2.0 1700000000000
 jobs_created{queue="b"} 1700000000.0
 # TYPE in_flight gauge
 in_flight{consumer="c2"} 5.0
+# TYPE lag gauge
+lag{group="g"} 6.0
 # TYPE seconds histogram
 seconds_bucket{le="0.1"} 0.0
 seconds_bucket{le="+Inf"} 1.0
@@ -448,6 +460,8 @@ jobs_created{queue="b"} 1700000000.0
 # TYPE in_flight gauge
 in_flight{consumer="c1"} 2.0
 in_flight{consumer="c2"} 5.0
+# TYPE lag gauge
+lag{group="g"} 7.0
 # TYPE seconds histogram
 seconds_bucket{le="0.1"} 1.0
 seconds_bucket{le="+Inf"} 3.0
@@ -599,6 +613,55 @@ async def test_the_supervisor_answers_for_its_workers_and_merges_their_metrics(
             assert without["seconds"].samples[("seconds_count", "")] == 3
             assert list(without["in_flight"].samples) == [("in_flight", '{consumer="c1"}')]
             assert "untyped_thing" not in without
+        tasks.cancel_scope.cancel()
+
+
+@anyio_test
+async def test_the_supervisor_merges_the_metrics_of_instrumented_apps(
+    redis_url: str, names: Names, tmp_path: Path
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from asyncstreams.prometheus import instrument
+
+    sockets = worker_sockets(tmp_path, 2)
+    handled: list[str] = []
+    apps = [App(redis_url), App(redis_url)]
+    scrapes = []
+    for app in apps:
+        register(app, names, handled)
+        scrapes.append(instrument(app).scrape)
+    async with contextlib.AsyncExitStack() as stack, anyio.create_task_group() as tasks:
+        for app in apps:
+            await stack.enter_async_context(app)
+        for app, socket, scrape in zip(apps, sockets, scrapes, strict=True):
+            await tasks.start(functools.partial(serve_worker_socket, app, socket, metrics=scrape))
+        port = await tasks.start(serve_supervisor_http, "127.0.0.1", 0, sockets)
+        for n in range(6):
+            await apps[0].publish(names.stream, {"n": str(n)})
+
+        async def all_handled() -> bool:
+            return len(handled) == 6
+
+        await eventually(all_handled, what="6 entries handled")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+            async def samples() -> dict[tuple[str, str], float]:
+                text = (await http.get("/metrics")).text
+                return {
+                    (s.name, s.labels.get("outcome", s.labels.get("consumer", ""))): s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples
+                    if s.name in ("asyncstreams_processed_total", "asyncstreams_consumer_limit")
+                }
+
+            async def all_acked() -> bool:
+                return (await samples())[("asyncstreams_processed_total", "acked")] == 6
+
+            await eventually(all_acked, what="the 6 acks counted by the two workers together")
+            limits = {k for k in await samples() if k[0] == "asyncstreams_consumer_limit"}
+            assert limits == {("asyncstreams_consumer_limit", app.consumer_name) for app in apps}
         tasks.cancel_scope.cancel()
 
 
