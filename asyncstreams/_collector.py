@@ -5,7 +5,7 @@ figures. Imported only once prometheus_client is known to be installed."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -67,20 +67,16 @@ class AppCollector:
             self._tallies.tally(*key)
         for handler, by_group in list(self._tallies.tallies.items()):
             for group, tally in list(by_group.items()):
-                latency = dict(tally.latency)
-                counts = {outcome: dict(tally.counts[outcome]) for outcome in tally.counts}
-                named = streams.get((handler, group), set()).union(latency)
+                counts = {outcome: dict(tally.counts[outcome]) for outcome in OUTCOMES}
+                named = streams.get((handler, group), set())
                 for stream in sorted(named.union(*counts.values())):
-                    labels = [stream, group, handler]
-                    acked = sum(latency[stream][:-1]) if stream in latency else 0
-                    processed.add_metric([*labels, "acked"], acked)
-                    for outcome in OUTCOMES[1:]:
-                        processed.add_metric([*labels, outcome], counts[outcome].get(stream, 0))
-                durations.add_metric(
-                    [group, handler], *_buckets(list(tally.duration), DURATION_BOUNDS, 1.0)
-                )
-                total = _sum_histograms(latency.values(), len(LATENCY_BOUNDS))
-                latencies.add_metric([group, handler], *_buckets(total, LATENCY_BOUNDS, 0.001))
+                    for outcome in OUTCOMES:
+                        processed.add_metric(
+                            [stream, group, handler, outcome], counts[outcome].get(stream, 0)
+                        )
+                labels = [group, handler]
+                durations.add_metric(labels, *_buckets(list(tally.duration), DURATION_BOUNDS, 1))
+                latencies.add_metric(labels, *_buckets(list(tally.latency), LATENCY_BOUNDS, 0.001))
         yield processed
         yield durations
         yield latencies
@@ -170,14 +166,6 @@ def _on_loop_of(tallies: Tallies) -> bool:
     except RuntimeError:
         return False
     return loop is tallies.loop
-
-
-def _sum_histograms(histograms: Iterable[Histogram], bounds: int) -> Histogram:
-    total: Histogram = [0] * (bounds + 2)
-    for histogram in histograms:
-        for index, value in enumerate(histogram):
-            total[index] += value
-    return total
 
 
 def _buckets(

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from bisect import bisect_left
+from collections import Counter
+from functools import partial
+from itertools import chain
+from operator import attrgetter, itemgetter
 from time import time
 
 from .middleware import OUTCOMES, Call, Middleware, Outcome
@@ -43,6 +47,12 @@ FLUSH_AT = 256
 Histogram = list[float]
 """One count per bucket (not cumulative; the last is +Inf), then the sum of the values."""
 
+_entries_of = attrgetter("entries")
+_duration_of = attrgetter("duration")
+_stream_of = itemgetter(0)
+_id_of = itemgetter(1)
+_duration_bucket = partial(bisect_left, DURATION_BOUNDS)
+
 
 def histogram(bounds: tuple[float, ...]) -> Histogram:
     return [0] * (len(bounds) + 2)
@@ -51,21 +61,46 @@ def histogram(bounds: tuple[float, ...]) -> Histogram:
 class Tally:
     """What the calls of one handler in one group came to.
 
-    `latency[stream]` holds the stream's acked entries, in milliseconds from their id to
-    their settle: its counts are also how many entries of the stream were acked (one
-    observation each). `counts[outcome][stream]`: the entries of every other outcome.
-    `duration`: per call, in seconds (calls cut short by the stop and entries that never
-    ran are left out).
+    `counts[outcome][stream]`: entries. `latency`: per acked entry, milliseconds from its id
+    to its settle. `duration`: per call, in seconds (calls cut short by the stop and entries
+    that never ran are left out). `acked`: acked calls not counted yet.
     """
 
-    __slots__ = ("counts", "duration", "group", "handler", "latency")
+    __slots__ = ("acked", "counts", "duration", "group", "handler", "latency")
 
     def __init__(self, handler: str, group: str) -> None:
         self.handler = handler
         self.group = group
-        self.latency: dict[str, Histogram] = {}
-        self.counts: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES if o != "acked"}
+        self.counts: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
+        self.latency: Histogram = histogram(LATENCY_BOUNDS)
         self.duration: Histogram = histogram(DURATION_BOUNDS)
+        self.acked: list[Call] = []
+
+    def count_acked(self, now_ms: float) -> None:
+        """Count the acked calls waiting, settled at `now_ms`: with C loops (map, join,
+        Counter) rather than Python statements per entry."""
+        calls = self.acked
+        if not calls:
+            return
+        self.acked = []
+        entries = list(chain.from_iterable(map(_entries_of, calls)))
+        acked = self.counts["acked"]
+        for stream, count in Counter(map(_stream_of, entries)).items():
+            acked[stream] = acked.get(stream, 0) + count
+        # An id's first part is the time Redis added the entry, in milliseconds, and many
+        # entries share one: each time is parsed once. (A clock behind Redis's makes a wait
+        # negative: the first bucket.)
+        times = Counter(b"-".join(map(_id_of, entries)).split(b"-")[::2])
+        latency = self.latency
+        for added, count in times.items():
+            waited = now_ms - int(added)
+            latency[bisect_left(_LATENCY_BOUNDS_MS, waited)] += count
+            latency[-1] += waited * count
+        durations = list(map(_duration_of, calls))
+        histogram = self.duration
+        for bucket, count in Counter(map(_duration_bucket, durations)).items():
+            histogram[bucket] += count
+        histogram[-1] += sum(durations)
 
 
 class Tallies(Middleware):
@@ -75,8 +110,9 @@ class Tallies(Middleware):
         # handler -> group -> Tally: lookups of strings whose hashes are cached, no key
         # tuple made per call.
         self.tallies: dict[str, dict[str, Tally]] = {}
-        self._acked: list[Call] = []
-        # The event loop the calls settle on (flush there only).
+        # Tallies with acked calls waiting to be counted.
+        self._waiting: list[Tally] = []
+        # The event loop the calls settle on (counted there only).
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def tally(self, handler: str, group: str) -> Tally:
@@ -88,55 +124,36 @@ class Tallies(Middleware):
         return found
 
     def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
+        try:
+            tally = self.tallies[call.handler][call.group]
+        except KeyError:
+            tally = self.tally(call.handler, call.group)
         if outcome == "acked":
-            acked = self._acked
+            acked = tally.acked
             acked.append(call)
             if len(acked) == 1:
-                loop = self.loop = asyncio.get_running_loop()
-                loop.call_soon(self.flush)
+                waiting = self._waiting
+                waiting.append(tally)
+                if len(waiting) == 1:
+                    loop = self.loop = asyncio.get_running_loop()
+                    loop.call_soon(self.flush)
             elif len(acked) >= FLUSH_AT:
-                self.flush()
+                tally.count_acked(time() * 1000.0)
             return
-        tally = self.tally(call.handler, call.group)
         counts = tally.counts[outcome]
         for entry in call.entries:
             counts[entry[0]] = counts.get(entry[0], 0) + 1
         if outcome != "cancelled" and error is not None:
             # Not cut short by the stop, and it ran (an entry claimed after its last
             # delivery is dead-lettered unrun, with no error).
-            _observe(tally.duration, DURATION_BOUNDS, call.duration)
+            histogram = tally.duration
+            histogram[_duration_bucket(call.duration)] += 1
+            histogram[-1] += call.duration
 
     def flush(self) -> None:
-        """Count the acked calls that wait (on the loop's thread: a scrape elsewhere sees
-        them at its next turn)."""
-        acked = self._acked
-        if not acked:
-            return
-        self._acked = []
+        """Count the acked calls waiting. On the loop's thread only (a scrape from another
+        thread sees them once the loop has run this)."""
+        waiting, self._waiting = self._waiting, []
         now_ms = time() * 1000.0
-        handler = group = ""
-        latencies: dict[str, Histogram] = {}
-        durations: Histogram = []
-        for call in acked:
-            if call.handler is not handler or call.group is not group:
-                handler, group = call.handler, call.group
-                tally = self.tally(handler, group)
-                latencies, durations = tally.latency, tally.duration
-            for entry in call.entries:
-                try:
-                    latency = latencies[entry[0]]
-                except KeyError:
-                    latency = latencies[entry[0]] = histogram(LATENCY_BOUNDS)
-                # The id's first part is the time Redis added the entry (milliseconds); a
-                # clock behind Redis's makes the wait negative: the first bucket.
-                waited = now_ms - int(entry[1].partition(b"-")[0])
-                latency[bisect_left(_LATENCY_BOUNDS_MS, waited)] += 1
-                latency[-1] += waited
-            duration = call.duration
-            durations[bisect_left(DURATION_BOUNDS, duration)] += 1
-            durations[-1] += duration
-
-
-def _observe(histogram: Histogram, bounds: tuple[float, ...], value: float) -> None:
-    histogram[bisect_left(bounds, value)] += 1
-    histogram[-1] += value
+        for tally in waiting:
+            tally.count_acked(now_ms)

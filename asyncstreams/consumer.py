@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -117,8 +118,8 @@ class Consumer:
         self.failures = Failures(nodes, options, name, self.where, self.ledger)
         chain = Chain(middleware) if middleware else None
 
-        def make_call(entries: Sequence[Entry]) -> Call:
-            return Call(plan.name, options.group, name, entries)
+        # A partial, not a closure: one Python frame less per handler call.
+        make_call: Callable[[Sequence[Entry]], Call] = partial(Call, plan.name, options.group, name)
 
         if chain is not None:
             self.failures.unrun = lambda entry, outcome: chain.settled(

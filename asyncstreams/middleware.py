@@ -60,27 +60,30 @@ class Call:
     `handler` is the handler's qualified name; `duration` the seconds the call took, set
     once it returned or raised (0.0 for entries that never reached the handler: those that
     do not decode or are too large). `messages` and `ids` are built on first use;
-    `entries` is the cheapest view, for middleware on the hot path (metrics).
+    `entries` is the cheapest view, for middleware on the hot path (metrics): the entries
+    as the consumer holds them, not copied, tuples of (stream, entry id as bytes, the flat
+    [name, value, ...] field list, deliveries, size in bytes). Read them; do not change them.
     """
 
-    __slots__ = ("_entries", "_messages", "consumer", "duration", "group", "handler")
+    __slots__ = ("_messages", "consumer", "duration", "entries", "group", "handler")
 
     handler: str
     group: str
     consumer: str
     duration: float
+    entries: Sequence[Entry]
 
     def __init__(self, handler: str, group: str, consumer: str, entries: Sequence[Entry]) -> None:
         self.handler = handler
         self.group = group
         self.consumer = consumer
         self.duration = 0.0
-        self._entries = entries
+        self.entries = entries
         self._messages: list[Message] | None = None
 
     def __len__(self) -> int:
         """How many entries the call holds."""
-        return len(self._entries)
+        return len(self.entries)
 
     @property
     def messages(self) -> list[Message]:
@@ -88,21 +91,14 @@ class Call:
         if self._messages is None:
             group, consumer = self.group, self.consumer
             self._messages = [
-                Message.from_entry(e[1], e[2], e[0], group, consumer, e[3]) for e in self._entries
+                Message.from_entry(e[1], e[2], e[0], group, consumer, e[3]) for e in self.entries
             ]
         return self._messages
 
     @property
-    def entries(self) -> Sequence[Entry]:
-        """The entries as the consumer holds them, not copied: tuples of (stream, entry id
-        as bytes, the flat [name, value, ...] field list, deliveries, size in bytes). Read
-        them; do not change them."""
-        return self._entries
-
-    @property
     def ids(self) -> list[tuple[str, str]]:
         """(stream, entry id) of each entry: cheaper than `messages` when that is enough."""
-        return [(entry[0], entry[1].decode()) for entry in self._entries]
+        return [(entry[0], entry[1].decode()) for entry in self.entries]
 
     def __repr__(self) -> str:
         return f"Call(handler={self.handler!r}, group={self.group!r}, entries={len(self)})"
