@@ -28,7 +28,7 @@ _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\\n]|\\.)*)"\s*(,|\})')
 # The samples of a family, by type, besides the one named as the family.
 _SUFFIXES = {
-    "counter": (),
+    "counter": ("_total",),
     "gauge": (),
     "histogram": ("_bucket", "_count", "_sum"),
     "summary": ("_count", "_sum"),
@@ -36,7 +36,7 @@ _SUFFIXES = {
 }
 # Samples that only go up (a summary's quantiles, named as the family, do not).
 _MONOTONIC = {
-    "counter": ("",),
+    "counter": ("", "_total"),
     "histogram": ("_bucket", "_count", "_sum"),
     "summary": ("_count", "_sum"),
 }

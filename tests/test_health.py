@@ -484,6 +484,13 @@ def test_expositions_merge_by_name_and_labels() -> None:
     assert _exposition.render({}) == b""
 
 
+def test_a_counter_family_named_without_total_keeps_its_samples() -> None:
+    families = _exposition.parse("# TYPE acked counter\nacked_total 2\n")
+    assert list(families) == ["acked"]
+    assert families["acked"].samples == {("acked_total", ""): 2}
+    assert _exposition.monotonic(families)["acked"].samples == {("acked_total", ""): 2}
+
+
 @pytest.mark.parametrize(
     "line",
     [
