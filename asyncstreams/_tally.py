@@ -17,6 +17,7 @@ see the README's Metrics section.
 from __future__ import annotations
 
 import asyncio
+import logging
 from bisect import bisect_left
 from collections import Counter
 from functools import partial
@@ -25,6 +26,8 @@ from operator import attrgetter, itemgetter
 from time import time
 
 from .middleware import OUTCOMES, Call, Middleware, Outcome
+
+log = logging.getLogger("asyncstreams.prometheus")
 
 # Bucket bounds (seconds) of the handler-duration histogram: handlers of stream entries are
 # often sub-millisecond, so the bounds start lower than prometheus_client's defaults.
@@ -51,6 +54,8 @@ _entries_of = attrgetter("entries")
 _duration_of = attrgetter("duration")
 _stream_of = itemgetter(0)
 _id_of = itemgetter(1)
+_handler_of = attrgetter("handler")
+_group_of = attrgetter("group")
 _duration_bucket = partial(bisect_left, DURATION_BOUNDS)
 
 
@@ -63,10 +68,10 @@ class Tally:
 
     `counts[outcome][stream]`: entries. `latency`: per acked entry, milliseconds from its id
     to its settle. `duration`: per call, in seconds (calls cut short by the stop and entries
-    that never ran are left out). `acked`: acked calls not counted yet.
+    that never ran are left out).
     """
 
-    __slots__ = ("acked", "counts", "duration", "group", "handler", "latency")
+    __slots__ = ("counts", "duration", "group", "handler", "latency")
 
     def __init__(self, handler: str, group: str) -> None:
         self.handler = handler
@@ -74,15 +79,10 @@ class Tally:
         self.counts: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
         self.latency: Histogram = histogram(LATENCY_BOUNDS)
         self.duration: Histogram = histogram(DURATION_BOUNDS)
-        self.acked: list[Call] = []
 
-    def count_acked(self, now_ms: float) -> None:
-        """Count the acked calls waiting, settled at `now_ms`: with C loops (map, join,
-        Counter) rather than Python statements per entry."""
-        calls = self.acked
-        if not calls:
-            return
-        self.acked = []
+    def count_acked(self, calls: list[Call], now_ms: float) -> None:
+        """Count acked calls of this handler and group, settled at `now_ms`: with C loops
+        (map, join, Counter) rather than Python statements per entry."""
         entries = list(chain.from_iterable(map(_entries_of, calls)))
         acked = self.counts["acked"]
         for stream, count in Counter(map(_stream_of, entries)).items():
@@ -106,14 +106,18 @@ class Tally:
 class Tallies(Middleware):
     """Counts every settled entry, per handler and group (see `Tally`)."""
 
+    # Chain calls `settled` directly: it catches what it raises (a bug) itself.
+    _settled_catches = True
+
     def __init__(self) -> None:
         # handler -> group -> Tally: lookups of strings whose hashes are cached, no key
         # tuple made per call.
         self.tallies: dict[str, dict[str, Tally]] = {}
-        # Tallies with acked calls waiting to be counted.
-        self._waiting: list[Tally] = []
+        # Acked calls not counted yet, of any handler.
+        self._acked: list[Call] = []
         # The event loop the calls settle on (counted there only).
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._broken = False
 
     def tally(self, handler: str, group: str) -> Tally:
         """The tally of `handler` in `group`, made on first use."""
@@ -125,35 +129,51 @@ class Tallies(Middleware):
 
     def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
         try:
-            tally = self.tallies[call.handler][call.group]
-        except KeyError:
-            tally = self.tally(call.handler, call.group)
-        if outcome == "acked":
-            acked = tally.acked
-            acked.append(call)
-            if len(acked) == 1:
-                waiting = self._waiting
-                waiting.append(tally)
-                if len(waiting) == 1:
+            if outcome == "acked":
+                acked = self._acked
+                acked.append(call)
+                if len(acked) == 1:
                     loop = self.loop = asyncio.get_running_loop()
                     loop.call_soon(self.flush)
-            elif len(acked) >= FLUSH_AT:
-                tally.count_acked(time() * 1000.0)
-            return
-        counts = tally.counts[outcome]
-        for entry in call.entries:
-            counts[entry[0]] = counts.get(entry[0], 0) + 1
-        if outcome != "cancelled" and error is not None:
-            # Not cut short by the stop, and it ran (an entry claimed after its last
-            # delivery is dead-lettered unrun, with no error).
-            histogram = tally.duration
-            histogram[_duration_bucket(call.duration)] += 1
-            histogram[-1] += call.duration
+                elif len(acked) >= FLUSH_AT:
+                    self.flush()
+                return
+            tally = self.tally(call.handler, call.group)
+            counts = tally.counts[outcome]
+            for entry in call.entries:
+                counts[entry[0]] = counts.get(entry[0], 0) + 1
+            if outcome != "cancelled" and error is not None:
+                # Not cut short by the stop, and it ran (an entry claimed after its last
+                # delivery is dead-lettered unrun, with no error).
+                histogram = tally.duration
+                histogram[_duration_bucket(call.duration)] += 1
+                histogram[-1] += call.duration
+        except Exception:
+            self._failed()
 
     def flush(self) -> None:
         """Count the acked calls waiting. On the loop's thread only (a scrape from another
         thread sees them once the loop has run this)."""
-        waiting, self._waiting = self._waiting, []
+        calls = self._acked
+        if not calls:
+            return
+        self._acked = []
         now_ms = time() * 1000.0
-        for tally in waiting:
-            tally.count_acked(now_ms)
+        try:
+            handlers = set(map(_handler_of, calls))
+            groups = set(map(_group_of, calls))
+            if len(handlers) == 1 and len(groups) == 1:
+                self.tally(handlers.pop(), groups.pop()).count_acked(calls, now_ms)
+                return
+            by_tally: dict[tuple[str, str], list[Call]] = {}
+            for call in calls:
+                by_tally.setdefault((call.handler, call.group), []).append(call)
+            for (handler, group), of_tally in by_tally.items():
+                self.tally(handler, group).count_acked(of_tally, now_ms)
+        except Exception:
+            self._failed()
+
+    def _failed(self) -> None:
+        if not self._broken:
+            self._broken = True
+            log.exception("metrics: counting a settled call failed (logged once)")

@@ -107,6 +107,10 @@ class Call:
 class Middleware:
     """The base of every middleware; both methods do nothing unless overridden."""
 
+    # True only for asyncstreams' own middleware whose `settled` catches and logs what it
+    # raises itself (see Chain).
+    _settled_catches = False
+
     async def around(self, call: Call, proceed: Proceed) -> None:
         """Run the call: `await proceed()` runs the next middleware, then the handler."""
         await proceed()
@@ -119,12 +123,18 @@ class Middleware:
 class Chain:
     """The middleware of one consumer, split by what each overrides."""
 
-    __slots__ = ("_arounds", "_broken", "_settles")
+    __slots__ = ("_arounds", "_broken", "_settles", "settled")
 
     def __init__(self, middleware: Sequence[Middleware]) -> None:
         self._arounds = [m.around for m in middleware if _overrides(m, "around")]
         self._settles = [m for m in middleware if _overrides(m, "settled")]
         self._broken: set[int] = set()
+        # Tell the middleware how a call's entries ended. The only one, when it is one of
+        # asyncstreams' own that catches what its `settled` raises (`_settled_catches`),
+        # is called directly: one Python frame less per call (the metrics' middleware).
+        self.settled: Callable[[Call, Outcome, BaseException | None], None] = self._settle_each
+        if len(self._settles) == 1 and type(self._settles[0])._settled_catches:
+            self.settled = self._settles[0].settled
 
     @property
     def wraps(self) -> bool:
@@ -138,7 +148,7 @@ class Chain:
             proceed = _bind(around, call, proceed)
         return proceed()
 
-    def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
+    def _settle_each(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
         for middleware in self._settles:
             try:
                 middleware.settled(call, outcome, error)
