@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._arguments import positive_int, url
+from ._arguments import http_address, positive_int, url
 from .errors import ConfigurationError
 from .options import DEFAULT_GRACE_PERIOD, DEFAULT_URL, URL_ENV
 
@@ -142,6 +142,15 @@ OPTIONS = (
         choices=LOOPS,
         default="auto",
         help="event loop: uvloop when installed (auto), uvloop, or plain asyncio",
+    ),
+    RunOption(
+        flag="--http",
+        group="Processes",
+        parse=http_address,
+        metavar="HOST:PORT",
+        default_text="off",
+        help="serve /healthz, /readyz and /metrics on HOST:PORT (:PORT: every interface); "
+        "with --workers N the supervisor answers for all the workers",
     ),
     RunOption(
         flag="--reload",

@@ -13,10 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from types import FrameType
 
+from . import health
 from ._backoff import Backoff
 from ._process import die_with_parent
 from ._reload import Watcher
@@ -124,12 +126,33 @@ def supervise(config: RunConfig) -> int:
     waits for the next change to start again (the code must be fixed first).
     """
     loop_factory(config.loop)  # --loop uvloop without uvloop: say so once, not per worker
-    with embedded_redis(config) as url:
+    with embedded_redis(config) as url, contextlib.ExitStack() as stack:
         env = _worker_env()
         if url is not None:
             env[WORKER_URL_ENV] = url
         command = _worker_command(config)
-        workers = [_Worker(index, command, env) for index in range(1, config.workers + 1)]
+        # With --http, each worker answers on a unix socket of its own (in a private folder)
+        # and this process on HOST:PORT for them all (asyncstreams.health).
+        sockets: list[str | None] = [None] * config.workers
+        if config.http is not None:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="asyncstreams-"))
+            paths = health.worker_sockets(folder, config.workers)
+            port = stack.enter_context(health.supervisor_endpoint(*config.http, paths))
+            log.info(
+                "serving /healthz, /readyz and /metrics of %d workers on %s:%d",
+                config.workers,
+                config.http[0] or "*",
+                port,
+            )
+            sockets = list(paths)
+        workers = [
+            _Worker(
+                index,
+                command,
+                env if path is None else {**env, health.WORKER_SOCKET_ENV: path},
+            )
+            for index, path in enumerate(sockets, start=1)
+        ]
         received: list[int] = []
 
         def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -15,6 +15,7 @@ metric.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 from ._group_figures import GroupWatch
@@ -111,4 +112,14 @@ def instrument(
     if registry is None:
         registry = prometheus_client.CollectorRegistry()
     registry.register(AppCollector(app, tallies, watch))
-    return Metrics(app, registry, tallies, watch)
+    metrics = _instrumented[app] = Metrics(app, registry, tallies, watch)
+    return metrics
+
+
+# The Metrics of each app instrumented (what `asyncstreams run --http` serves).
+_instrumented: weakref.WeakKeyDictionary[App, Metrics] = weakref.WeakKeyDictionary()
+
+
+def metrics_of(app: App) -> Metrics | None:
+    """The Metrics `instrument(app)` returned, or None if it was not called."""
+    return _instrumented.get(app)

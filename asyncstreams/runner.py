@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from . import health, prometheus
 from .app import App, OnStarted
 from .embedded import EmbeddedCluster, EmbeddedRedis
 from .errors import AsyncstreamsError, ConfigurationError
@@ -53,6 +55,7 @@ class RunConfig:
     loop: str = "auto"
     reload: bool = False
     log_format: str = "text"
+    http: tuple[str | None, int] | None = None  # (host, port) of /healthz, /readyz, /metrics
 
 
 def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -134,6 +137,9 @@ def run(app: App, config: RunConfig) -> int:
     it was raised (a consumer that failed has logged its traceback already).
     """
     ready_fd = os.environ.pop(WORKER_READY_FD_ENV, None)
+    # A worker of a supervisor serving --http answers its routes on this unix socket.
+    health_socket = os.environ.pop(health.WORKER_SOCKET_ENV, None)
+    metrics = app_metrics(app) if config.http or health_socket else None
     started = False
 
     def on_started() -> None:
@@ -148,7 +154,7 @@ def run(app: App, config: RunConfig) -> int:
         status = OnStarted(on_started)
         try:
             with asyncio.Runner(loop_factory=factory) as runner:
-                runner.run(serve_until_signal(app, signals=CLI_STOP_SIGNALS, task_status=status))
+                runner.run(_serve(app, config, status, health_socket, metrics))
         except ForcedStop as exc:
             log.warning("%s", exc)
             return 1
@@ -158,6 +164,34 @@ def run(app: App, config: RunConfig) -> int:
             log.error("the app failed while running: %s; exiting with code 1", _failure(exc))
             return 1
     return 0
+
+
+async def _serve(
+    app: App,
+    config: RunConfig,
+    status: OnStarted,
+    socket: str | None,
+    metrics: health.Metrics | None,
+) -> None:
+    """`serve_until_signal`, with the health routes served meanwhile where asked for."""
+    async with health.serving(app, http=config.http, socket=socket, metrics=metrics) as port:
+        if config.http is not None:
+            log.info(
+                "serving /healthz, /readyz and /metrics on %s:%d%s",
+                config.http[0] or "*",
+                port,
+                "" if metrics is not None else f" (no metrics: {prometheus.EXTRA})",
+            )
+        await serve_until_signal(app, signals=CLI_STOP_SIGNALS, task_status=status)
+
+
+def app_metrics(app: App) -> health.Metrics | None:
+    """What /metrics serves: the app's Prometheus metrics (`instrument(app)`, made now if the
+    app's code did not), or None where prometheus_client is not installed."""
+    if importlib.util.find_spec("prometheus_client") is None:
+        return None
+    metrics = prometheus.metrics_of(app) or prometheus.instrument(app)
+    return metrics.scrape
 
 
 def _failure(exc: BaseException) -> str:

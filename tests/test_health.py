@@ -18,6 +18,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError
 from starlette.applications import Starlette
@@ -26,6 +27,7 @@ from starlette.routing import Mount
 from asyncstreams import App, ConfigurationError, Message, _exposition, _http, health
 from asyncstreams._arguments import http_address
 from asyncstreams._process import die_with_parent
+from asyncstreams.embedded import free_port
 from asyncstreams.health import (
     METRICS_CONTENT_TYPE,
     PID_HEADER,
@@ -38,7 +40,8 @@ from asyncstreams.health import (
 )
 
 from .conftest import Names
-from .helpers import ROOT, eventually, own_server, wait_for
+from .helpers import ROOT, CliProcess, eventually, own_server, wait_for
+from .test_cli import ledger_env, publish, stop, wait_until
 
 anyio_test = pytest.mark.anyio
 
@@ -764,3 +767,58 @@ def test_a_supervisor_of_real_workers_keeps_counting_across_a_restart(
         wait_for(lambda: status("/readyz") == 200, timeout=20, what="the new worker 2 ready")
         assert series("jobs_total") == {'{queue="q"}': 8}
         assert set(series("in_flight")) == {f'{{pid="{first.pid}"}}', f'{{pid="{third.pid}"}}'}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_with_http_serves_the_routes_of_the_app_or_of_its_workers(
+    tmp_path: Path, redis_url: str, names: Names, workers: int
+) -> None:
+    """`asyncstreams run --http`: one process, or a supervisor answering for its workers,
+    with the metrics of `instrument(app)` made for it."""
+    port = free_port()
+    cli = CliProcess(
+        ["run", "tests.apps.ledger_app:app", "--url", redis_url, "--workers", str(workers)],
+        env={
+            **ledger_env(names, tmp_path / "ledger.jsonl"),
+            "ASYNCSTREAMS_HTTP": f"127.0.0.1:{port}",
+        },
+        log_path=tmp_path / "cli.log",
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
+    try:
+
+        def get(path: str) -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+            except httpx.TransportError:
+                return None
+
+        def ready() -> bool:
+            response = get("/readyz")
+            return response is not None and response.status_code == 200
+
+        wait_until(ready, what="/readyz 200", timeout=30, cli=cli)
+        publish(client, names.stream, 40)
+
+        def acked() -> float:
+            response = get("/metrics")
+            assert response is not None
+            assert response.status_code == 200, response.text
+            return sum(
+                float(line.rpartition(" ")[2])
+                for line in response.text.splitlines()
+                if line.startswith("asyncstreams_processed_total{") and 'outcome="acked"' in line
+            )
+
+        wait_until(lambda: acked() == 40, what="40 acked in /metrics", timeout=30, cli=cli)
+        health = get("/healthz")
+        assert health is not None
+        assert health.status_code == 200
+        assert health.json()["status"] == "alive"
+        assert stop(cli) == 0, cli.output()
+    finally:
+        client.close()
+        cli.stop()
+    assert f"and /metrics{' of 2 workers' if workers == 2 else ''} on 127.0.0.1:{port}" in (
+        cli.output()
+    )
