@@ -137,6 +137,8 @@ class App:
         self._stop: anyio.Event | None = None
         self._stop_requested = False
         self._failure: BaseException | None = None
+        self._failed_consumer: str | None = None
+        self._started = False
         self._consumers: tuple[Consumer, ...] = ()
         self._background: asyncio.Task[None] | None = None
         self._host: asyncio.Task[Any] | None = None
@@ -414,6 +416,18 @@ class App:
         a clean stop. A health check can report it."""
         return self._failure
 
+    @property
+    def failed_consumer(self) -> str | None:
+        """Which consumer `failure` came from (its handler, streams, group and name); None
+        when `failure` is None or came from no consumer."""
+        return self._failed_consumer
+
+    @property
+    def started(self) -> bool:
+        """True once every consumer runs (after the lifespan was entered), until the app
+        starts to stop: what a readiness check asks."""
+        return self._started
+
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -430,6 +444,7 @@ class App:
         if self._stop_requested:
             stop.set()
         self._failure = None
+        self._failed_consumer = None
         try:
             consumers = await self._start(stop)
             if consumers is None:
@@ -443,11 +458,14 @@ class App:
                     len(consumers),
                     consumers[0].nodes.describe() if consumers else self.display_url,
                 )
+                self._started = True
                 task_status.started()
                 await stop.wait()
+                self._started = False
             if self._failure is not None:
                 raise self._failure
         finally:
+            self._started = False
             self._stop = None
             self._stop_requested = False
             self._consumers = ()
@@ -504,6 +522,7 @@ class App:
         except BaseException as exc:
             if self._failure is None:
                 self._failure = exc
+                self._failed_consumer = consumer.where
             if consumer.exit is not exc:
                 log.error(
                     "%s: failed (%s); stopping the app",

@@ -88,18 +88,21 @@ def liveness(app: App) -> Response:
     failure = app.failure
     if failure is None:
         return json_response(200, status="alive", running=app.running)
-    return json_response(503, status="dead", error=_transport.explain(failure))
+    return json_response(
+        503, status="dead", error=_transport.explain(failure), consumer=app.failed_consumer
+    )
 
 
 async def readiness(app: App) -> Response:
-    """Ready once the consumers run, while none stops or meets an outage and Redis answers
-    a PING (on a connection of its own, within PING_TIMEOUT)."""
+    """Ready once the consumers run (the lifespan entered, every consumer started), while
+    none stops or meets an outage and Redis answers a PING (on a connection of its own,
+    within PING_TIMEOUT)."""
     if not app.running:
         return _not_ready("not running")
     if app.failure is not None:
         return _not_ready("failed", error=_transport.explain(app.failure))
     consumers = app.consumers
-    if len(consumers) < len(app.registrations):
+    if not app.started:
         return _not_ready("starting")
     if any(c.ledger.closed for c in consumers):
         return _not_ready("stopping")

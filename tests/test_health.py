@@ -201,10 +201,45 @@ async def test_healthz_is_503_once_a_consumer_has_failed(names: Names) -> None:
             assert body["status"] == "dead"
             assert body["error"].startswith("NoPermissionError: ")
             assert "xreadgroup" in body["error"]
+            assert body["consumer"] == app.failed_consumer
+            assert f"group={names.group}" in body["consumer"]
             assert await answer(http, "/readyz") == (
                 503,
                 {"status": "not ready", "reason": "not running"},
             )
+
+
+@anyio_test
+async def test_readyz_waits_for_the_lifespan_and_the_consumers(
+    redis_url: str, names: Names
+) -> None:
+    entered, release = anyio.Event(), anyio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        entered.set()
+        await release.wait()  # a slow start: a database pool, say
+        yield
+
+    app = App(redis_url, lifespan=lifespan)
+    register(app, names)
+    async with http_client(app) as http, anyio.create_task_group() as tasks:
+        tasks.start_soon(app.serve)
+        with anyio.fail_after(10):
+            await entered.wait()
+        assert await answer(http, "/readyz") == (
+            503,
+            {"status": "not ready", "reason": "starting"},
+        )
+        release.set()
+
+        async def ready() -> bool:
+            return (await http.get("/readyz")).status_code == 200
+
+        await eventually(ready, what="/readyz 200 once the lifespan is entered")
+        assert app.started
+        app.stop()
+    assert not app.started
 
 
 BAD_REQUESTS = [
