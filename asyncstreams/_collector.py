@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import (
 )
 
 from ._group_figures import GroupWatch
-from ._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Histogram, Tallies
+from ._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Histogram, Tallies, Tally
 from .app import App
 from .middleware import OUTCOMES
 
@@ -30,6 +30,16 @@ class AppCollector:
         self._app = app
         self._tallies = tallies
         self._watch = watch
+        tallies.streams_of = self._streams_of
+
+    def _streams_of(self, handler: str, group: str) -> set[str]:
+        """The streams `handler` reads in `group` (the handler may be registered twice)."""
+        return {
+            stream
+            for registration in self._app.registrations
+            if registration.plan.name == handler and registration.options.group == group
+            for stream in registration.options.names
+        }
 
     def collect(self) -> Iterator[Metric]:
         if _on_loop_of(self._tallies):
@@ -64,19 +74,24 @@ class AppCollector:
         for registration in self._app.registrations:
             key = (registration.plan.name, registration.options.group)
             streams.setdefault(key, set()).update(registration.options.names)
-            self._tallies.tally(*key)
-        for handler, by_group in list(self._tallies.tallies.items()):
-            for group, tally in list(by_group.items()):
-                counts = {outcome: dict(tally.counts[outcome]) for outcome in OUTCOMES}
-                named = streams.get((handler, group), set())
-                for stream in sorted(named.union(*counts.values())):
-                    for outcome in OUTCOMES:
-                        processed.add_metric(
-                            [stream, group, handler, outcome], counts[outcome].get(stream, 0)
-                        )
-                labels = [group, handler]
-                durations.add_metric(labels, *_buckets(list(tally.duration), DURATION_BOUNDS, 1))
-                latencies.add_metric(labels, *_buckets(list(tally.latency), LATENCY_BOUNDS, 0.001))
+        tallies = {
+            (handler, group): tally
+            for handler, by_group in list(self._tallies.tallies.items())
+            for group, tally in list(by_group.items())
+        }
+        for handler, group in sorted(streams.keys() | tallies.keys()):
+            # A handler that has settled nothing yet has no tally: its series are at 0.
+            tally = tallies.get((handler, group)) or Tally(handler, group)
+            counts = {outcome: dict(tally.counts[outcome]) for outcome in OUTCOMES}
+            named = streams.get((handler, group), set())
+            for stream in sorted(named.union(*counts.values())):
+                for outcome in OUTCOMES:
+                    processed.add_metric(
+                        [stream, group, handler, outcome], counts[outcome].get(stream, 0)
+                    )
+            labels = [group, handler]
+            durations.add_metric(labels, *_buckets(list(tally.duration), DURATION_BOUNDS, 1))
+            latencies.add_metric(labels, *_buckets(list(tally.latency), LATENCY_BOUNDS, 0.001))
         yield processed
         yield durations
         yield latencies

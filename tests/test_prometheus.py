@@ -5,15 +5,18 @@ lag), and one process refreshing the group figures however many run the app."""
 from __future__ import annotations
 
 import sys
+import time
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncstreams import App, ConfigurationError
+from asyncstreams import App, Call, ConfigurationError
 from asyncstreams._group_figures import lock_key
 from asyncstreams._slots import key_slot
+from asyncstreams._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Tallies
+from asyncstreams.message import entry
 from asyncstreams.prometheus import Metrics, instrument
 
 from .conftest import Names
@@ -304,3 +307,40 @@ async def test_one_process_of_two_reads_the_group_figures(
         assert await reads(first_metrics) == (0, False)
         await anyio.sleep(interval * 2.2)
         assert await reads(second_metrics) == (one_read, True)
+
+
+# -- the tally -------------------------------------------------------------------------
+
+
+async def test_tallies_count_mixed_handlers_streams_and_batches() -> None:
+    now_ms = int(time.time() * 1000)
+
+    def call(handler: str, *ids: tuple[str, int]) -> Call:
+        found = Call(
+            handler,
+            "g",
+            "c",
+            [entry(stream, f"{ms}-0".encode(), [b"n", b"1"], 1) for stream, ms in ids],
+        )
+        found.duration = 0.002
+        return found
+
+    tallies = Tallies()
+    tallies.settled(call("a", ("s1", now_ms - 60_000)), "acked", None)
+    tallies.settled(call("b", ("s1", now_ms), ("s2", now_ms + 5_000)), "acked", None)
+    tallies.settled(call("a", ("s2", now_ms)), "retried", ValueError())
+    tallies.settled(call("a", ("s2", now_ms)), "dead_lettered", None)  # never ran
+    tallies.flush()
+    a, b = tallies.tally("a", "g"), tallies.tally("b", "g")
+    assert a.counts["acked"] == {"s1": 1}
+    assert b.counts["acked"] == {"s1": 1, "s2": 1}
+    assert a.counts["retried"] == {"s2": 1}
+    assert a.counts["dead_lettered"] == {"s2": 1}
+    # a: the acked call and the retried one ran; b: one call of two entries.
+    assert sum(a.duration[:-1]) == 2
+    assert a.duration[DURATION_BOUNDS.index(0.0025)] == 2  # le is inclusive: 0.002 <= 0.0025
+    assert sum(b.duration[:-1]) == 1
+    # A minute's wait is in the 120 s bucket; an id ahead of this clock in the first one.
+    assert a.latency[LATENCY_BOUNDS.index(120.0)] == 1
+    assert b.latency[0] >= 1
+    assert sum(b.latency[:-1]) == 2
