@@ -24,7 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from . import impls, producer
-from .ledger import Sink
+from .ledger import Sink, cpu_seconds
 from .specs import (
     SLEEP_SECONDS,
     SPEC_ENV,
@@ -190,6 +190,7 @@ async def consume(spec: ConsumeSpec) -> ConsumeResult:
     sampler = RssSampler(sink) if spec.sample_rss else None
     started = time.perf_counter()
     handled_at = acked_at = started
+    acked_cpu = 0.0
     with sampler or contextlib.nullcontext():
         try:
             async with consuming(spec, sink):
@@ -204,6 +205,7 @@ async def consume(spec: ConsumeSpec) -> ConsumeResult:
                 if not result.timed_out and spec.until == "count":
                     result.acked = await _until_acked(spec, handled_at + ACK_WAIT_SECONDS)
                 acked_at = time.perf_counter()
+                acked_cpu = cpu_seconds()
         except Exception as exc:  # keep the counts: they say how far it got
             traceback.print_exc()
             result.error = f"{type(exc).__name__}: {exc}".removesuffix(": ")
@@ -216,6 +218,8 @@ async def consume(spec: ConsumeSpec) -> ConsumeResult:
     result.startup_seconds = first_at - started
     result.seconds_handled = handled_at - first_at
     result.seconds = acked_at - first_at
+    if tally.first_at and acked_cpu:
+        result.cpu_seconds = acked_cpu - tally.first_cpu
     result.latency = _latency(sink.latencies)
     result.rss_samples = sampler.samples if sampler is not None else None
     if spec.until == "stdin":

@@ -44,7 +44,8 @@ class Config:
     )
     latency_rates: tuple[int, ...] = (2_000, 20_000)
     latency_seconds: float = 10.0
-    publish_entries: int = 20_000
+    publish_entries: int = 20_000  # one at a time
+    publish_many_entries: int = 100_000  # in batches of 1,000
     workers: tuple[int, ...] = (1, 2)
     memory_entries: int = 1_000_000
     # The cluster scenario: its backlog, the partitions of its Partitioned stream, and how
@@ -76,6 +77,7 @@ def quick_config(**overrides: object) -> Config:
         "payload_entries": {100: 2_000, 1_000: 2_000, 10_000: 1_000},
         "latency_seconds": 0.5,
         "publish_entries": 2_000,
+        "publish_many_entries": 2_000,
         "memory_entries": 50_000,
         "cluster_entries": 6_000,
         "cluster_idle_seconds": 1.0,

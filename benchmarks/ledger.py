@@ -9,6 +9,7 @@ scenario, keeps publish-to-handler delays.
 from __future__ import annotations
 
 import base64
+import resource
 import time
 import zlib
 from array import array
@@ -18,6 +19,12 @@ from collections.abc import Callable, Iterable
 clock = time.time
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Tally:
     __slots__ = (
         "_on_complete",
@@ -25,6 +32,7 @@ class Tally:
         "duplicates",
         "entries",
         "first_at",
+        "first_cpu",
         "seen",
         "unexpected",
     )
@@ -36,12 +44,14 @@ class Tally:
         self.duplicates = 0
         self.unexpected = 0
         self.first_at = 0.0  # time.perf_counter() when the first entry was handled
+        self.first_cpu = 0.0  # cpu_seconds() then
         self._on_complete = on_complete
 
     def mark(self, seq: int) -> None:
         self.count += 1
         if self.count == 1:
             self.first_at = time.perf_counter()
+            self.first_cpu = cpu_seconds()
         if 0 <= seq < self.entries:
             if self.seen[seq]:
                 self.duplicates += 1

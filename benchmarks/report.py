@@ -28,6 +28,10 @@ SCENARIO_TITLES = {
 }
 SCENARIO_NOTES = {
     "drain": (
+        "The ceiling is the fastest consumer Python can be: an inline loop on a bare socket "
+        "(hiredis packs and parses, no client library), a no-op handler awaited per entry, "
+        "one XACK per batch written with the next XREADGROUP. CPU µs per entry is the user + "
+        "system time of the consumer process over the timed window, per entry. "
         "One consumer process drains the backlog in a group of its own, from the first entry; "
         "timed from the first entry handled until every entry was handled and XPENDING is "
         "empty (start-up is in the JSON, apart). FastStream's per-message subscriber drains "
@@ -40,7 +44,9 @@ SCENARIO_NOTES = {
         "One run per rate."
     ),
     "publish": (
-        "One process writes {publish:,} tasks to a fresh stream; then the stream is checked."
+        "One process writes {publish:,} tasks one at a time, or {publish_many:,} in batches "
+        "of 1,000, to a fresh stream; then the stream is checked. The ceiling packs each XADD "
+        "with hiredis and writes a batch at once on a bare socket."
     ),
     "workers": (
         "The real CLI (`python -m asyncstreams run benchmarks.workers_app:app --workers N`) "
@@ -100,26 +106,50 @@ def _versus(outcome: Outcome, by_key: dict[str, Outcome]) -> str:
     return f"{ref.median / outcome.median:.2f}x"
 
 
+CEILING = "socket"  # the key of the bare-socket row: the ceiling of its case
+
+
+def _cpu(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
 def _throughput_table(outcomes: list[Outcome]) -> list[str]:
+    """msgs/s and CPU µs per entry; with a bare-socket row in the case, each row against it."""
     by_key = {o.step.key: o for o in outcomes}
-    lines = [
-        "| implementation | msgs/s (median) | min-max | asyncstreams ÷ this | peak RSS MB "
-        "| entries |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    ceiling = by_key.get(CEILING)
+    head = "| implementation | msgs/s (median) | min-max | CPU µs per entry | asyncstreams ÷ this "
+    rule = "| --- | ---: | ---: | ---: | ---: "
+    if ceiling is not None:
+        head += "| ÷ ceiling (msgs/s, CPU) "
+        rule += "| ---: "
+    lines = [head + "| peak RSS MB | entries |", rule + "| ---: | ---: |"]
     for o in outcomes:
         entries = f"{o.step.count:,}" if o.step.count else "-"
+        gap = "| " if ceiling is not None else ""
         status = _status_cell(o)
         if status:
-            lines.append(f"| {o.step.label} | {status} | | | | {entries} |")
+            lines.append(f"| {o.step.label} | {status} | | | {gap}| | {entries} |")
             continue
         rates = o.rates
         spread = f"{min(rates):,.0f}-{max(rates):,.0f}" if len(rates) > 1 else ""
+        versus = ""
+        if ceiling is not None:
+            versus = f"| {_against(o, ceiling)} "
         lines.append(
-            f"| {o.step.label} | {_rate(o.median)} | {spread} | {_versus(o, by_key)} "
-            f"| {_mb(o.peak_rss_mb)} | {entries} |"
+            f"| {o.step.label} | {_rate(o.median)} | {spread} | {_cpu(o.cpu_median)} "
+            f"| {_versus(o, by_key)} {versus}| {_mb(o.peak_rss_mb)} | {entries} |"
         )
     return lines
+
+
+def _against(o: Outcome, ceiling: Outcome) -> str:
+    """This row's msgs/s and CPU per entry as multiples of the ceiling's."""
+    if o is ceiling:
+        return "1.00x, 1.00x"
+    parts = []
+    for mine, theirs in ((o.median, ceiling.median), (o.cpu_median, ceiling.cpu_median)):
+        parts.append(f"{mine / theirs:.2f}x" if mine is not None and theirs else "n/a")
+    return ", ".join(parts)
 
 
 def _latency_table(outcomes: list[Outcome]) -> list[str]:
@@ -307,6 +337,7 @@ def markdown(
     notes = {
         "faststream": config.faststream_entries,
         "publish": config.publish_entries,
+        "publish_many": config.publish_many_entries,
         "partitions": config.cluster_partitions,
     }
     for scenario, cases in _groups(outcomes).items():

@@ -29,6 +29,16 @@ class Outcome:
         return statistics.median(rates) if rates and self.status == "ok" else None
 
     @property
+    def cpu_us(self) -> list[float]:
+        """CPU µs per entry of each run that measured it."""
+        return [run.cpu_us_per_entry for run in self.runs if run.cpu_us_per_entry is not None]
+
+    @property
+    def cpu_median(self) -> float | None:
+        values = self.cpu_us
+        return statistics.median(values) if values and self.status == "ok" else None
+
+    @property
     def peak_rss_mb(self) -> float | None:
         values = [run.peak_rss_mb for run in self.runs if run.peak_rss_mb is not None]
         return max(values) if values else None
@@ -40,6 +50,7 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         step = self.step
         rates = self.rates
+        cpu = self.cpu_us
         return {
             "scenario": step.scenario,
             "case": step.case,
@@ -55,6 +66,11 @@ class Outcome:
                 "median": self.median,
                 "min": min(rates) if rates else None,
                 "max": max(rates) if rates else None,
+            },
+            "cpu_us_per_entry": {
+                "median": self.cpu_median,
+                "min": min(cpu) if cpu else None,
+                "max": max(cpu) if cpu else None,
             },
             "peak_rss_mb": self.peak_rss_mb,
             "redis_commands_per_entry": commands_per_entry(self),
@@ -114,7 +130,10 @@ def describe_run(run: Run) -> str:
             f"peak {rss['peak_mb']:.0f} MB, end {rss['end_mb']:.0f} MB"
         )
     if run.rate is not None:
-        return f"{run.rate:,.0f} msgs/s"
+        text = f"{run.rate:,.0f} msgs/s"
+        if run.cpu_us_per_entry is not None:
+            text += f", {run.cpu_us_per_entry:.2f} µs CPU per entry"
+        return text
     return "done"
 
 
@@ -130,6 +149,12 @@ def describe(outcome: Outcome) -> str:
     rates = outcome.rates
     if len(rates) > 1 and outcome.median is not None:
         text = f"{outcome.median:,.0f} msgs/s (min {min(rates):,.0f}, max {max(rates):,.0f})"
+        cpu = outcome.cpu_us
+        if outcome.cpu_median is not None:
+            text += (
+                f", {outcome.cpu_median:.2f} µs CPU per entry "
+                f"(min {min(cpu):.2f}, max {max(cpu):.2f})"
+            )
     else:
         text = last
     if outcome.peak_rss_mb is not None and "rss" not in outcome.runs[-1].extra:

@@ -26,6 +26,10 @@ from .store import DataSet, Store
 Role = Literal["asyncstreams", "baseline", "faststream"]
 RunStep = Callable[[Store, DataSet | None], Run]
 
+SOCKET = (
+    "ceiling: bare-socket inline loop (hiredis, no client library; XREADGROUP COUNT 500, "
+    "handler inline, XACK pipelined with the next read)"
+)
 INLINE = "baseline: inline loop (XREADGROUP COUNT 500, handler inline, one XACK per batch)"
 TASKS = "baseline: task per message, {n} in flight, acks batched"
 FASTSTREAM = "FastStream StreamSub with a group, defaults"
@@ -132,6 +136,10 @@ def drain(config: Config) -> list[Step]:
             "asyncstreams", _drain("asyncstreams", batch_size=100)),
         row("asyncstreams-batch", "asyncstreams batch handler (list[Task])", "asyncstreams",
             _drain("asyncstreams", shape="batch"), skip=asyncstreams_impl.batch_handlers()),
+        row("asyncstreams-batch-message", "asyncstreams batch handler (list[Message])",
+            "asyncstreams", _drain("asyncstreams", shape="batch-message"),
+            skip=asyncstreams_impl.batch_handlers()),
+        row("socket", SOCKET, "baseline", _drain("baseline-socket"), ref="asyncstreams"),
         row("inline", INLINE, "baseline", _drain("baseline-inline"), ref="asyncstreams"),
         row("tasks", TASKS.format(n=100), "baseline", _drain("baseline-tasks"),
             ref="asyncstreams"),
@@ -179,6 +187,7 @@ def latency(config: Config) -> list[Step]:
 
         plan += [
             row("asyncstreams", "asyncstreams", "asyncstreams", run("asyncstreams")),
+            row("socket", SOCKET, "baseline", run("baseline-socket"), ref="asyncstreams"),
             row("inline", INLINE, "baseline", run("baseline-inline"), ref="asyncstreams"),
             row("tasks", TASKS.format(n=100), "baseline", run("baseline-tasks"),
                 ref="asyncstreams"),
@@ -190,12 +199,13 @@ def latency(config: Config) -> list[Step]:
 
 def publish(config: Config) -> list[Step]:
     entries, size = config.publish_entries, config.entry_size
+    batched = config.publish_many_entries
 
-    def run(method: PublishMethod) -> RunStep:
+    def run(method: PublishMethod, entries: int = entries) -> RunStep:
         return lambda store, _: steps.publish(store, method=method, entries=entries, size=size)
 
     one = partial(Step, "publish", "one at a time", repeat=config.repeat, entries=entries)
-    many = partial(Step, "publish", "batches of 1,000", repeat=config.repeat, entries=entries)
+    many = partial(Step, "publish", "batches of 1,000", repeat=config.repeat, entries=batched)
     return [
         one("asyncstreams", "asyncstreams app.publish (sequential awaits)", "asyncstreams",
             run("asyncstreams-publish")),
@@ -204,9 +214,11 @@ def publish(config: Config) -> list[Step]:
         one("faststream", "FastStream broker.publish(stream=...)", "faststream",
             run("faststream-publish"), ref="asyncstreams", skip=_faststream_missing()),
         many("asyncstreams", "asyncstreams app.publish_many", "asyncstreams",
-             run("asyncstreams-publish-many"), skip=asyncstreams_impl.publish_many()),
+             run("asyncstreams-publish-many", batched), skip=asyncstreams_impl.publish_many()),
+        many("socket", "ceiling: bare-socket XADD pipeline (hiredis, no client library)",
+             "baseline", run("socket-pipeline", batched), ref="asyncstreams"),
         many("redis-py", "baseline: redis-py pipeline (transaction=False)", "baseline",
-             run("redis-py-pipeline"), ref="asyncstreams"),
+             run("redis-py-pipeline", batched), ref="asyncstreams"),
     ]  # fmt: skip
 
 
@@ -253,6 +265,7 @@ def payload(config: Config) -> list[Step]:
                 _drain("asyncstreams", shape="fields")),
             row("asyncstreams-message", "asyncstreams, Message", "asyncstreams",
                 _drain("asyncstreams", shape="message")),
+            row("socket", SOCKET, "baseline", _drain("baseline-socket"), ref="asyncstreams"),
             row("inline", INLINE, "baseline", _drain("baseline-inline"), ref="asyncstreams"),
             row("faststream", FASTSTREAM, "faststream", _drain("faststream"), data=fs_data,
                 ref="asyncstreams", skip=no_fs),

@@ -13,12 +13,14 @@ import msgspec
 
 Loop = Literal["uvloop", "asyncio"]
 Work = Literal["noop", "sleep", "latency"]
-# What an asyncstreams handler takes: a Struct, dict[str, str] fields, Message, list[Task].
-Shape = Literal["struct", "fields", "message", "batch"]
+# What an asyncstreams handler takes: a Struct, dict[str, str] fields, Message, list[Task],
+# list[Message].
+Shape = Literal["struct", "fields", "message", "batch", "batch-message"]
 Impl = Literal[
     "asyncstreams",
     "baseline-inline",
     "baseline-tasks",
+    "baseline-socket",
     "faststream",
     "faststream-batch",
     "faststream-cluster",
@@ -28,6 +30,7 @@ PublishMethod = Literal[
     "asyncstreams-publish-many",
     "redis-py-xadd",
     "redis-py-pipeline",
+    "socket-pipeline",
     "faststream-publish",
 ]
 
@@ -85,6 +88,9 @@ class ConsumeResult(msgspec.Struct, kw_only=True):
     # the first read) is apart, in `startup_seconds`.
     seconds: float = 0.0
     seconds_handled: float = 0.0  # ... until the last handler ran
+    # CPU time (user + system) of the consumer process over `seconds`: from the first entry
+    # handled until nothing is pending (resource.getrusage(RUSAGE_SELF), every thread).
+    cpu_seconds: float = 0.0
     startup_seconds: float = 0.0
     acked: bool = False
     timed_out: bool = False

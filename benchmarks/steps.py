@@ -49,6 +49,9 @@ class Run:
     rate: float | None = None  # msgs/s
     seconds: float | None = None
     peak_rss_mb: float | None = None
+    # CPU time (user + system) of the consumer process per entry, in µs, over the window
+    # the rate is measured on (the work of every entry but the first).
+    cpu_us_per_entry: float | None = None
     problems: list[str] = field(default_factory=list)
     behind: str | None = None  # the consumer did not keep up (latency): a result, not a failure
     extra: dict[str, Any] = field(default_factory=dict)
@@ -144,12 +147,19 @@ def drain(
         rate=(dataset.entries - 1) / result.seconds if result.seconds else None,
         seconds=result.seconds,
         peak_rss_mb=result.peak_rss_mb,
+        cpu_us_per_entry=_cpu_us(result, dataset.entries),
         problems=problems,
         extra={"startup_seconds": result.startup_seconds},
     )
     if result.rss_samples:
         run.extra["rss"] = _rss_profile(result.rss_samples, dataset.entries)
     return run
+
+
+def _cpu_us(result: ConsumeResult, entries: int) -> float | None:
+    if not result.cpu_seconds or entries < 2:
+        return None
+    return result.cpu_seconds / (entries - 1) * 1e6
 
 
 def _rss_profile(samples: list[tuple[float, float, int]], entries: int) -> dict[str, Any]:

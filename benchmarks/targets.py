@@ -11,7 +11,13 @@ FLAT_GROWTH_MB = 5.0
 CLUSTER_RATE_SHARE = 0.7  # a cluster drain against the one-server drain of the same run
 CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's at most 10% above one server's
 CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
-METRICS_SHARE = 0.85  # a no-op drain with the Prometheus metrics against one without
+METRICS_SHARE = 0.9  # a no-op drain with the Prometheus metrics: within 10% of one without
+# Against the ceiling, the bare-socket rows of the same run (issue #11).
+CEILING_SHARE = 0.70  # no-op drain, per-message handler, default options: msgs/s
+CEILING_CPU = 1.5  # ... and CPU per entry at most this multiple of the ceiling's
+CEILING_BATCH_SHARE = 0.85  # batch handlers: msgs/s
+CEILING_LATENCY = 1.5  # latency p99 at 2,000 msgs/s at most this multiple of the ceiling's
+CEILING_PUBLISH_SHARE = 0.8  # publish_many against a bare-socket XADD pipeline
 CLUSTER_CASES = (("cluster", "a stream per master"), ("partitioned", "Partitioned"))
 
 
@@ -76,6 +82,7 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
         _ratio("drain no-op: asyncstreams batch handler ≥ 1.5x FastStream batch",
                look, "drain", "no-op", "asyncstreams-batch", "faststream-batch", 1.5),
     ]  # fmt: skip
+    targets += _ceiling_targets(look)
     targets.append(_io_target(look))
     for rate, limit in ((2_000, 1.0), (20_000, 10.0)):
         targets.append(_latency_target(look, rate, limit))
@@ -88,6 +95,55 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
                look, "middleware", None, "metrics", "asyncstreams", METRICS_SHARE)
     )  # fmt: skip
     return targets
+
+
+def _ceiling_targets(look: _Lookup) -> list[Target]:
+    """asyncstreams against the bare-socket rows of the same run (the ceiling)."""
+    return [
+        _ratio(f"drain no-op: asyncstreams (defaults) ≥ {CEILING_SHARE}x the bare-socket "
+               "ceiling's msgs/s", look, "drain", "no-op", "asyncstreams", "socket",
+               CEILING_SHARE),
+        _cpu_target(look),
+        _ratio(f"drain no-op: batch handler (list[Task]) ≥ {CEILING_BATCH_SHARE}x the ceiling",
+               look, "drain", "no-op", "asyncstreams-batch", "socket", CEILING_BATCH_SHARE),
+        _ratio(f"drain no-op: batch handler (list[Message]) ≥ {CEILING_BATCH_SHARE}x the "
+               "ceiling", look, "drain", "no-op", "asyncstreams-batch-message", "socket",
+               CEILING_BATCH_SHARE),
+        _ceiling_latency_target(look, 2_000),
+        _ratio(f"publish_many ≥ {CEILING_PUBLISH_SHARE}x a bare-socket XADD pipeline",
+               look, "publish", "batches of 1,000", "asyncstreams", "socket",
+               CEILING_PUBLISH_SHARE),
+    ]  # fmt: skip
+
+
+def _cpu_target(look: _Lookup) -> Target:
+    name = (
+        f"drain no-op: asyncstreams (defaults) CPU per entry ≤ {CEILING_CPU}x the bare-socket "
+        "ceiling's"
+    )
+    mine, ceiling = look.get("drain", "no-op", "asyncstreams"), look.get("drain", "no-op", "socket")
+    if mine is None or ceiling is None or mine.cpu_median is None or not ceiling.cpu_median:
+        return Target(name, _why_missing(mine, ceiling), None)
+    ratio = mine.cpu_median / ceiling.cpu_median
+    return Target(
+        name,
+        f"{ratio:.2f}x ({mine.cpu_median:.2f} vs {ceiling.cpu_median:.2f} µs per entry)",
+        ratio <= CEILING_CPU,
+    )
+
+
+def _ceiling_latency_target(look: _Lookup, rate: int) -> Target:
+    name = f"latency p99 at {rate:,} msgs/s ≤ {CEILING_LATENCY}x the bare-socket consumer's"
+    case = f"{rate:,} msgs/s"
+    mine, ceiling = look.get("latency", case, "asyncstreams"), look.get("latency", case, "socket")
+    values = [o.extra("p99_ms") if o is not None and o.status == "ok" else None
+              for o in (mine, ceiling)]  # fmt: skip
+    if values[0] is None or not values[1]:
+        return Target(name, _why_missing(mine, ceiling), None)
+    ratio = float(values[0]) / float(values[1])
+    return Target(
+        name, f"{ratio:.2f}x (p99 {values[0]:.2f} vs {values[1]:.2f} ms)", ratio <= CEILING_LATENCY
+    )
 
 
 def _cluster_targets(look: _Lookup) -> list[Target]:

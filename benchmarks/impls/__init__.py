@@ -26,6 +26,7 @@ MODULES = {
     "asyncstreams": "asyncstreams_impl",
     "baseline-inline": "baseline",
     "baseline-tasks": "baseline",
+    "baseline-socket": "socket_impl",
     "faststream": "faststream_impl",
     "faststream-batch": "faststream_impl",
     "faststream-cluster": "faststream_impl",
@@ -33,6 +34,7 @@ MODULES = {
     "asyncstreams-publish-many": "asyncstreams_impl",
     "redis-py-xadd": "baseline",
     "redis-py-pipeline": "baseline",
+    "socket-pipeline": "socket_impl",
     "faststream-publish": "faststream_impl",
 }
 

@@ -52,8 +52,9 @@ class Trivial(Middleware):
 def metrics_missing() -> str | None:
     """None if asyncstreams.prometheus and prometheus_client can be imported; else why not."""
     try:
-        import asyncstreams.prometheus  # noqa: F401
         import prometheus_client  # noqa: F401
+
+        import asyncstreams.prometheus  # noqa: F401
     except ImportError as exc:
         return f"metrics cannot be imported here ({exc})"
     return None
@@ -99,6 +100,17 @@ def _handler(shape: str, sink: Sink) -> Callable[..., Awaitable[None]]:
 
         return handle_message
 
+    if shape == "batch-message":
+
+        async def handle_messages(msgs: list[Message]) -> None:
+            for msg in msgs:
+                fields = msg.fields
+                record(fields["task_id"], fields["created_at"])
+            if delay:
+                await sleep(delay)
+
+        return handle_messages
+
     async def handle_batch(tasks: list[Task]) -> None:
         for one in tasks:
             record(one.task_id, one.created_at)
@@ -116,7 +128,7 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
         options["concurrency"] = spec.concurrency
     if spec.batch_size:
         options["batch_size"] = spec.batch_size
-    elif spec.shape == "batch":
+    elif spec.shape in ("batch", "batch-message"):
         options["batch_size"] = BATCH_SIZE
     streams: str | Partitioned | list[str] = spec.stream
     if spec.partitions:
