@@ -135,6 +135,9 @@ class Tallies(Middleware):
         # The event loop the calls settle on (counted there only).
         self.loop: asyncio.AbstractEventLoop | None = None
         self._broken = False
+        # The asyncstreams.prometheus.Metrics these tallies are counted for (see its
+        # metrics_of).
+        self.metrics: object = None
 
     def tally(self, handler: str, group: str) -> Tally:
         """The tally of `handler` in `group`, made on first use."""

@@ -15,7 +15,6 @@ metric.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 from ._group_figures import GroupWatch
@@ -62,7 +61,8 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The registry's metrics in Prometheus' text format (`CONTENT_TYPE`), with the
-        group figures of the last `refresh()`. Does no I/O."""
+        group figures last read. Waits for no I/O: on the app's loop, it starts the next
+        read of the group figures when due (for the next call; `scrape()` waits for it)."""
         from prometheus_client import generate_latest
 
         return generate_latest(self._registry)
@@ -112,14 +112,15 @@ def instrument(
     if registry is None:
         registry = prometheus_client.CollectorRegistry()
     registry.register(AppCollector(app, tallies, watch))
-    metrics = _instrumented[app] = Metrics(app, registry, tallies, watch)
+    metrics = tallies.metrics = Metrics(app, registry, tallies, watch)
     return metrics
 
 
-# The Metrics of each app instrumented (what `asyncstreams run --http` serves).
-_instrumented: weakref.WeakKeyDictionary[App, Metrics] = weakref.WeakKeyDictionary()
-
-
 def metrics_of(app: App) -> Metrics | None:
-    """The Metrics `instrument(app)` returned, or None if it was not called."""
-    return _instrumented.get(app)
+    """The Metrics `instrument(app)` returned, or None if it was not called (what
+    `asyncstreams run --http` serves). Found through the app's metrics middleware: a
+    module-level map would keep every instrumented app alive (its Metrics holds the app)."""
+    for middleware in app.middleware:
+        if isinstance(middleware, Tallies) and isinstance(middleware.metrics, Metrics):
+            return middleware.metrics
+    return None

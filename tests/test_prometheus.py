@@ -4,8 +4,10 @@ lag), and one process refreshing the group figures however many run the app."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
+import weakref
 
 import anyio
 import pytest
@@ -17,7 +19,7 @@ from asyncstreams._group_figures import lock_key
 from asyncstreams._slots import key_slot
 from asyncstreams._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Tallies
 from asyncstreams.message import entry
-from asyncstreams.prometheus import Metrics, instrument
+from asyncstreams.prometheus import Metrics, instrument, metrics_of
 
 from .conftest import Names
 from .helpers import calls, eventually, fill, wait_drained
@@ -344,3 +346,14 @@ async def test_tallies_count_mixed_handlers_streams_and_batches() -> None:
     assert a.latency[LATENCY_BOUNDS.index(120.0)] == 1
     assert b.latency[0] >= 1
     assert sum(b.latency[:-1]) == 2
+
+
+def test_metrics_of_an_app_and_no_app_kept_alive() -> None:
+    app = App("redis://127.0.0.1:1/0")
+    assert metrics_of(app) is None
+    metrics = instrument(app)
+    assert metrics_of(app) is metrics
+    gone = weakref.ref(app)
+    del app, metrics
+    gc.collect()
+    assert gone() is None
