@@ -13,11 +13,13 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio.cluster import RedisCluster
 
-from asyncstreams import App, Call, ConfigurationError
+from asyncstreams import App, Call, ConfigurationError, Partitioned
 from asyncstreams._group_figures import lock_key
 from asyncstreams._slots import key_slot
 from asyncstreams._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Tallies
+from asyncstreams.embedded import EmbeddedCluster
 from asyncstreams.message import entry
 from asyncstreams.prometheus import Metrics, instrument, metrics_of
 
@@ -357,3 +359,35 @@ def test_metrics_of_an_app_and_no_app_kept_alive() -> None:
     del app, metrics
     gc.collect()
     assert gone() is None
+
+
+async def test_group_figures_on_a_cluster(cluster: EmbeddedCluster, names: Names) -> None:
+    """A Partitioned stream over the masters: each partition's figures, its lock in its
+    own hash slot."""
+    stream = Partitioned(names("orders"), 4)
+    app = App(cluster.url)
+
+    @app.consumer(stream, group=names.group)
+    async def handle(fields: dict[str, str]) -> None:
+        return None
+
+    metrics = instrument(app, group_interval=0.05)
+    checks = RedisCluster.from_url(cluster.url, decode_responses=True, protocol=2)
+    try:
+        async with app:
+            await app.publish_many(stream, [{"n": str(n)} for n in range(40)])
+            for partition in stream.streams:
+                await wait_drained(checks, partition, names.group)  # type: ignore[arg-type]
+            found = samples(await metrics.scrape())
+        for partition in stream.streams:
+            labels = {"stream": partition, "group": names.group}
+            assert value(found, "asyncstreams_group_lag", **labels) == 0
+            assert value(found, "asyncstreams_group_pending", **labels) == 0
+            assert await checks.exists(lock_key(partition, names.group)) == 1
+        lengths = [
+            value(found, "asyncstreams_stream_length", stream=partition)
+            for partition in stream.streams
+        ]
+        assert sum(lengths) == 40
+    finally:
+        await checks.aclose()
