@@ -270,7 +270,7 @@ async def _pending_is(client: aioredis.Redis, names: Names, count: int) -> bool:
 async def test_one_process_of_two_reads_the_group_figures(
     redis_url: str, names: Names, client: aioredis.Redis
 ) -> None:
-    interval = 0.3
+    interval = 0.5
 
     def app_of_a_process() -> tuple[App, Metrics]:
         app = App(redis_url)
