@@ -61,6 +61,7 @@ HARNESS = "harness (left out: the suite's wait for the drain)"
 # time the process waits for a core while redis-server, woken by the write, runs.
 WAIT = "event loop C code and socket writes (left out: waits included)"
 STAGES = (READ, DECODE, DISPATCH, CALL, BODY, ACK, LOOP)
+COUNTED = ("xreadgroup", "xack")  # the drain's round trips, per 1,000 entries
 LEFT_OUT = (HARNESS, WAIT)
 
 
@@ -210,6 +211,12 @@ def _drain(spec: ConsumeSpec, client: redis.Redis,
     return result, system / (user + system) if user + system else 0.0
 
 
+def _calls(client: redis.Redis) -> dict[str, int]:
+    """XREADGROUP and XACK calls the server has answered so far (INFO commandstats)."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return {name: int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in COUNTED}
+
+
 def _label(func: Func) -> str:
     path, line, name = func
     if path == "~":
@@ -240,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
     system: dict[str, list[float]] = {name: [] for name in contenders}
     collector: dict[str, list[float]] = {name: [] for name in contenders}
+    trips: dict[str, dict[str, float]] = {}
     rates: dict[str, list[float]] = {name: [] for name in contenders}
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url, protocol=2)
@@ -258,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             for round_ in range(args.rounds):
                 order = list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]
                 for name in order:
+                    calls = _calls(client)
                     with GcClock() as gc_clock:
                         result, share = _drain(spec(name, f"profile-{name}-{round_}"), client)
+                    trips[name] = {
+                        command: (count - calls[command]) / args.entries * 1000
+                        for command, count in _calls(client).items()
+                    }
                     cpu[name].append(result.cpu_seconds / (args.entries - 1) * 1e6)
                     system[name].append(share)
                     collector[name].append(gc_clock.seconds / args.entries * 1e6)
@@ -283,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump is not None:
         profiles["asyncstreams"].dump_stats(str(args.dump))
     _print_table(args, profiles, cpu, system, rates)
-    print("\nthe cyclic garbage collector, in the unprofiled drains (its time is in the stages "
+    print("\nRedis commands per 1,000 entries (the last unprofiled drain; the suite's XPENDING "
+          "polls apart): " + "; ".join(
+              f"{name} " + ", ".join(f"{c.upper()} {n:.1f}" for c, n in counts.items())
+              for name, counts in trips.items()))  # fmt: skip
+    print("the cyclic garbage collector, in the unprofiled drains (its time is in the stages "
           "above, at whatever allocation set it off): " + "; ".join(
               f"{name} {statistics.median(values):.2f} µs per entry"
               for name, values in collector.items()))  # fmt: skip
