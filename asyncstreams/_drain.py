@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ._transport import explain
 from .codec import HandlerPlan, Invoke, InvokeBatch
 from .errors import DecodeError
+from .lanes import KeyedLedger
 from .message import Entry
 
 if TYPE_CHECKING:
@@ -355,4 +356,7 @@ def _what(consumer: Consumer, stream: str, entry_id: str) -> str:
         return "waiting to be moved to the dead-letter stream"
     if any(entry[0] == stream and entry[1] == raw for entry in ledger.queue):
         return "queued"
+    if isinstance(ledger, KeyedLedger) and (behind := ledger.waits_behind(stream, raw)):
+        key, holder = behind
+        return f"waiting behind its key {key!r} (held by entry {holder})"
     return "running, or waiting for its ack"

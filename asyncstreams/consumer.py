@@ -35,7 +35,7 @@ from ._tasks import first_failure
 from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, refuses
 from .codec import HandlerPlan
 from .failures import Failures
-from .ledger import Ledger
+from .lanes import KeyedLedger, guarded, guarded_batch, make_ledger
 from .message import Entry
 from .middleware import Call, Chain, Middleware
 from .options import ConsumerOptions
@@ -77,6 +77,8 @@ class Figures:
     in_flight: int  # entries held now, in every state (queued, running, acking, ...)
     room: int  # how many more it may hold: `limit - in_flight - room kept for a read`
     limit: int  # the bound on `in_flight`
+    keys_held: int = 0  # with `key=`: keys held by an entry queued, running or retrying
+    waiting_behind_keys: int = 0  # with `key=`: entries held that wait behind their key
 
 
 class Consumer:
@@ -99,12 +101,7 @@ class Consumer:
         # A handler that raised KeyboardInterrupt or SystemExit: raised once stopped.
         self.exit: BaseException | None = None
         self._stop: anyio.Event | None = None
-        self.ledger = Ledger(
-            options.names,
-            limit=options.limit,
-            batch_size=options.batch_size,
-            max_memory_bytes=options.max_memory_bytes,
-        )
+        self.ledger = make_ledger(plan, options, name)
         self._outage = Outage(
             log, self.where, self.ensure_groups, nodes.map_changed if nodes.cluster else None
         )
@@ -131,13 +128,19 @@ class Consumer:
             concurrency=options.concurrency,
             max_payload_bytes=options.max_payload_bytes,
             batch_size=options.batch_size,
-            invoke=None if plan.batch else plan.bind(options.group, name),
-            invoke_batch=plan.bind_batch(options.group, name) if plan.batch else None,
+            invoke=None
+            if plan.batch
+            else guarded(self.ledger, plan.bind(options.group, name), plan),
+            invoke_batch=guarded_batch(self.ledger, plan.bind_batch(options.group, name))
+            if plan.batch
+            else None,
             exit_requested=self._exit_requested,
             name=self.where,
             chain=chain,
             call=make_call if chain is not None else None,
         )
+        if isinstance(self.ledger, KeyedLedger):
+            self.ledger.ready = self.workers.wake
         self._recovery = Recovery(
             nodes,
             options,
@@ -233,6 +236,8 @@ class Consumer:
             in_flight=ledger.held,
             room=ledger.room(),
             limit=ledger.limit,
+            keys_held=ledger.keys_held if isinstance(ledger, KeyedLedger) else 0,
+            waiting_behind_keys=ledger.waiting if isinstance(ledger, KeyedLedger) else 0,
         )
 
     @property

@@ -18,7 +18,7 @@ only when a key is removed or changes meaning (new keys may appear without it).
     (`dict[str, str]`) or `any` (only `Message`: any fields); `schema` is a JSON Schema
     (msgspec's, draft 2020-12) of what one entry's fields decode to;
   - `options`: every other `ConsumerOptions` field with its value in effect (`consumer`
-    null: a name unique per process);
+    null: a name unique per process; a `key` callable: its qualified name);
   - `dead_letters`: per stream read, `dead_letter` (its dead-letter stream, or null when
     `dead_letter=None`) and `dead_letter_on_cluster` (the name on a Redis Cluster, where the
     default `{stream}:dead-letter` becomes `{<stream>}:dead-letter` if that keeps it in the
@@ -190,12 +190,16 @@ def _consumer(registration: Registration) -> dict[str, Any]:
 
 
 def option_values(options: ConsumerOptions) -> dict[str, Any]:
-    """Every option but the streams and the group, with its value in effect."""
-    return {
+    """Every option but the streams and the group, with its value in effect (a `key`
+    callable as its name)."""
+    values = {
         f.name: getattr(options, f.name)
         for f in fields(ConsumerOptions)
         if f.name not in ("_", "streams", "group")
     }
+    if callable(options.key):
+        values["key"] = getattr(options.key, "__qualname__", None) or repr(options.key)
+    return values
 
 
 def _items(options: ConsumerOptions) -> tuple[str | Partitioned, ...]:

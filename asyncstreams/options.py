@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import KW_ONLY, MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +57,16 @@ class ConsumerOptions:
     )
     concurrency: int = field(
         default=64, metadata=_doc("at most this many handlers (or batch calls) run at once")
+    )
+    key: str | Callable[[Any], Hashable] | None = field(
+        default=None,
+        metadata=_doc(
+            "keeps the entries of one key in order: a field name of the entry (its value is "
+            "the key), or a callable on what the handler takes (its Struct, else the fields "
+            "as `dict[str, str]`, else the `Message`); entries with the same key run one at "
+            "a time in id order, different keys at once (see [Ordering](#ordering)). "
+            "`None`: no order is kept"
+        ),
     )
     batch_size: int = field(
         default=500,
@@ -163,6 +173,8 @@ class ConsumerOptions:
         if self.consumer is not None:
             _name(owner, "consumer", self.consumer)
         _positive_int(owner, "concurrency", self.concurrency)
+        if self.key is not None and not callable(self.key):
+            _name(owner, "key (a field name, or a callable on the payload)", self.key)
         _positive_int(owner, "batch_size", self.batch_size)
         if self.batch_size < len(names):
             raise ConfigurationError(

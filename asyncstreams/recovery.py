@@ -12,7 +12,9 @@ and its delivery counters, so the bounds hold across processes and restarts:
   for half of `claim_idle_ms`.
 - Other consumers' entries. XAUTOCLAIM takes entries idle for `claim_idle_ms` (their
   consumer crashed or hangs). It scans up to 10 x COUNT PEL entries per call, so the scan
-  is paced: a call every `claim_idle_ms / 2`, sooner only while it finds work.
+  is paced: a call every `claim_idle_ms / 2`, sooner only while it finds work. With `key=`,
+  one whole scan (unpaced, as room allows) also comes before the first read, so that what
+  a crashed consumer left runs before the newer entries of its keys.
 - Renewal. Entries this consumer holds (every state of the ledger) get their idle time reset
   every `claim_idle_ms / 3` with XCLAIM ... JUSTID, which counts no delivery: a slow
   handler's entry, or one waiting out a long backoff, is never claimed away from a consumer
@@ -78,6 +80,10 @@ class Recovery:
         self._outage = outage
         self._queued = queued
         self.first_pass_done = asyncio.Event()
+        # With `key=`, the first pass also takes in what other consumers left idle (one
+        # scan of the group's pending entries, as room allows): claimed entries then run
+        # before the newer entries of their keys that the reader brings.
+        self._scanned = options.key is None
         # Since the start: other consumers' idle entries claimed, and held entries renewed.
         self.claimed = 0
         self.renewed = 0
@@ -124,7 +130,7 @@ class Recovery:
             if not self.first_pass_done.is_set() and due["first"] <= now:
                 more = await self._step(self._first_pass)
                 due["first"] = loop.time() + (0.0 if more else CLAIM_STEP)
-                if not self._first_cursor:
+                if not self._first_cursor and self._scanned:
                     self.first_pass_done.set()
                     del due["first"]
             if due["retry"] <= now:
@@ -135,7 +141,11 @@ class Recovery:
                 due["own"] = loop.time() + self._claim_interval
             if due["claim"] <= now:
                 more = await self._step(self._claim_others)
-                due["claim"] = loop.time() + (CLAIM_STEP if more else self._claim_interval)
+                if not self._scanned and (not more or self._ledger.room() < 1):
+                    self._scanned = True
+                    due["first"] = loop.time()
+                pace = 0.0 if not self._scanned else CLAIM_STEP  # the reader waits for it
+                due["claim"] = loop.time() + (pace if more else self._claim_interval)
             if due["renew"] <= now:
                 await self._step(self._renew)
                 due["renew"] = loop.time() + self._renew_interval

@@ -22,9 +22,12 @@ from hypothesis.stateful import (
     rule,
 )
 
+from asyncstreams.codec import plan_handler
 from asyncstreams.deadletter import DeadLetter, Reason, dead_letter
+from asyncstreams.lanes import KeyedLedger, key_function, order
 from asyncstreams.ledger import Ledger, Retry
-from asyncstreams.message import Entry, entry
+from asyncstreams.message import Entry, Message, entry
+from asyncstreams.options import ConsumerOptions
 
 pytestmark = pytest.mark.anyio
 
@@ -73,6 +76,7 @@ LEDGER_STATE = {
     "retrying": "retrying",
     "parked": "parked",
     "moving": "moving",
+    "waiting": "waiting",
 }
 
 
@@ -160,6 +164,9 @@ class LedgerMachine(RuleBasedStateMachine):
         del self.entries[key]
         del self.state[key]
 
+    def _freed(self, keys: list[Key]) -> None:
+        """These entries stopped holding whatever they held (key lanes: their key)."""
+
     def _handler_running(self) -> list[Key]:
         return self._keys("running")
 
@@ -183,12 +190,18 @@ class LedgerMachine(RuleBasedStateMachine):
         self.batch_size = streams + extra  # options: batch_size >= the number of streams
         self.max_memory = max_memory
         self.buffered = {stream: [] for stream in self.streams}
-        self.ledger = Ledger(
-            self.streams,
-            limit=concurrency + self.batch_size,
-            batch_size=self.batch_size,
-            max_memory_bytes=max_memory,
+        self.ledger = self._ledger(concurrency + self.batch_size)
+
+    def _ledger(self, limit: int) -> Ledger:
+        return Ledger(
+            self.streams, limit=limit, batch_size=self.batch_size, max_memory_bytes=self.max_memory
         )
+
+    def _make(
+        self, data: st.DataObject, stream: str, size: int, deliveries: int = 1, *, claimed: bool
+    ) -> Entry:
+        """A new entry (`claimed`: by a claim, not a read)."""
+        return make(stream, next(self.numbers), size, deliveries)
 
     # -- delivered: the reader and the recovery's claims ---------------------------------
 
@@ -209,7 +222,7 @@ class LedgerMachine(RuleBasedStateMachine):
         entries: list[Entry] = []
         for stream in self.streams:
             sizes = data.draw(st.lists(SIZES, max_size=self.planned), label=stream)
-            entries += [make(stream, next(self.numbers), size) for size in sizes]
+            entries += [self._make(data, stream, size, claimed=False) for size in sizes]
 
         def reply() -> None:
             self.ledger.read_ended(self.kept)
@@ -236,7 +249,11 @@ class LedgerMachine(RuleBasedStateMachine):
                 st.tuples(SIZES, st.integers(1, MAX_DELIVERIES + 2)), min_size=1, max_size=most
             )
         )
-        claimed = [make(stream, next(self.numbers), size, n) for size, n in specs]
+        # A claim's entries come in id order (XAUTOCLAIM, XPENDING pages).
+        claimed = sorted(
+            (self._make(data, stream, size, n, claimed=True) for size, n in specs),
+            key=lambda item: order(item[1]),
+        )
         runnable = [item for item in claimed if item[3] <= MAX_DELIVERIES]
         self._do(lambda: self.ledger.delivered(runnable))
         for item in runnable:
@@ -277,6 +294,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for stream, entry_id in keys:
             self.state[stream, entry_id] = "buffered"
             self.buffered[stream].append(entry_id)
+        self._freed(keys)
         assert not ledger.reads_paused
         # A full batch, or a reader waiting for room: the acks go at once, not after
         # ACK_INTERVAL (unless this success resumed reading: that wakes the reader itself).
@@ -354,6 +372,7 @@ class LedgerMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(self._keys("running", "rejecting")))
         self._do(functools.partial(self.ledger.park, self.entries[key]))
         self.state[key] = "parked"
+        self._freed([key])
 
     @precondition(lambda self: self._keys("running", "rejecting"))
     @rule(data=st.data())
@@ -365,6 +384,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self._do(lambda: self.ledger.move_later(item, move), wakes=True)
         self.state[key] = "moving"
         self.move[key] = move
+        self._freed([key])
 
     @precondition(lambda self: self._keys("running", "rejecting"))
     @rule(data=st.data())
@@ -372,6 +392,7 @@ class LedgerMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(self._keys("running", "rejecting")))
         self._do(functools.partial(self.ledger.dead_lettered, self.entries[key]), wakes=True)
         self._done(key)
+        self._freed([key])
 
     @precondition(lambda self: self._handler_running())
     @rule(data=st.data())
@@ -420,6 +441,7 @@ class LedgerMachine(RuleBasedStateMachine):
             del self.retry[key]
             if key not in back:
                 self._done(key)
+        self._freed([key for key in asked if key not in back])
         for item in claimed:
             key = (item[0], item[1])
             self.entries[key] = item
@@ -483,7 +505,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for stream in self.streams:
             expected = [
                 (entry_id, None, self.entries[stream, entry_id][3] - 1)
-                for s, entry_id in self.queue
+                for s, entry_id in [*self.queue, *self._keys("waiting")]
                 if s == stream
             ] + [
                 (entry_id, retry.due, retry.deliveries)
@@ -501,6 +523,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 if key in self.queue:
                     self.queue.remove(key)
                 self._done(key)
+            self._freed([(stream, entry_id) for entry_id in ids])
 
     # -- invariants ----------------------------------------------------------------------
 
@@ -548,7 +571,7 @@ class LedgerMachine(RuleBasedStateMachine):
         reading = self.planned * len(self.streams)
         assert ledger.room() == ledger.limit - ledger.held - reading
         assert ledger.held <= ledger.limit, "the bound: concurrency + batch_size"
-        in_memory = self._keys("queued", "running", "rejecting")
+        in_memory = self._keys("queued", "running", "rejecting", "waiting")
         assert ledger.memory == sum(self.entries[key][4] for key in in_memory) >= 0
 
     @invariant()
@@ -582,6 +605,126 @@ TestLedgerMachine = settings(
     deadline=None,
     phases=[phase for phase in Phase if phase is not Phase.explain],
 )(LedgerMachine).TestCase
+
+
+# -- key lanes ---------------------------------------------------------------------------
+
+LANE_KEYS = (b"k0", b"k1", b"k2")
+
+
+async def _by_message(message: Message) -> None:
+    pass
+
+
+class KeyedLedgerMachine(LedgerMachine):
+    """The same, with key lanes (`key="k"`): entries of a few keys (some with none), claims
+    with ids older than those held. Each key held has one holder (queued, running or
+    waiting for a retry) and the others wait behind it, in id order; a claimed entry older
+    than a holder that has not started takes its place."""
+
+    ledger: KeyedLedger
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Each key held: its holder and the entries waiting behind it, in id order.
+        self.lanes: dict[bytes, tuple[Key, list[Key]]] = {}
+
+    def _ledger(self, limit: int) -> Ledger:
+        options = ConsumerOptions(self.streams, group="group", key="k")
+        return KeyedLedger(
+            self.streams,
+            limit=limit,
+            batch_size=self.batch_size,
+            max_memory_bytes=self.max_memory,
+            key_of=key_function(plan_handler(_by_message), options, "consumer"),
+        )
+
+    def _make(
+        self, data: st.DataObject, stream: str, size: int, deliveries: int = 1, *, claimed: bool
+    ) -> Entry:
+        number = next(self.numbers)
+        old = claimed and data.draw(st.booleans(), label="older than what is held")
+        entry_id = f"0-{number}" if old else f"{number}-0"
+        key = data.draw(st.sampled_from([None, *LANE_KEYS]), label="key")
+        flat = [b"n", b"x" * (size - 1)] + ([b"k", key] if key is not None else [])
+        return entry(stream, entry_id.encode(), flat, deliveries)
+
+    def _key_of(self, key: Key) -> bytes | None:
+        flat = self.entries[key][2]
+        return flat[3] if len(flat) > 2 else None
+
+    def _hold(self, item: Entry, state: str) -> None:
+        key = (item[0], item[1])
+        if state != "queued":
+            super()._hold(item, state)
+            return
+        self.entries[key] = item
+        lane_key = self._key_of(key)
+        lane = self.lanes.get(lane_key) if lane_key is not None else None
+        if lane_key is None or lane is None:
+            if lane_key is not None:
+                self.lanes[lane_key] = (key, [])
+            self.state[key] = "queued"
+            self.queue.append(key)
+            return
+        holder, waiting = lane
+        if order(item[1]) < order(holder[1]) and holder in self.queue:
+            self.queue[self.queue.index(holder)] = key
+            self.state[key] = "queued"
+            self.state[holder] = "waiting"
+            self.lanes[lane_key] = (key, waiting)
+            key = holder
+        else:
+            self.state[key] = "waiting"
+        waiting.append(key)
+        waiting.sort(key=lambda k: order(k[1]))
+
+    def _done(self, key: Key) -> None:
+        if self.state[key] == "waiting":  # given back
+            lane_key = self._key_of(key)
+            assert lane_key is not None
+            self.lanes[lane_key][1].remove(key)
+        super()._done(key)
+
+    def _freed(self, keys: list[Key]) -> None:
+        holders = {holder: lane_key for lane_key, (holder, _) in self.lanes.items()}
+        for key in keys:
+            lane_key = holders.get(key)
+            if lane_key is None:
+                continue
+            waiting = self.lanes[lane_key][1]
+            if not waiting:
+                del self.lanes[lane_key]
+                continue
+            after = waiting.pop(0)
+            self.lanes[lane_key] = (after, waiting)
+            holders[after] = lane_key
+            self.state[after] = "queued"
+            self.queue.append(after)
+
+    @invariant()
+    def the_lanes_are_those_of_the_model(self) -> None:
+        ledger = self.ledger
+        assert ledger.lanes() == {k: (h, list(w)) for k, (h, w) in self.lanes.items()}
+        assert ledger.keys_held == len(self.lanes)
+        assert ledger.waiting == len(self._keys("waiting"))
+
+    @invariant()
+    def a_key_runs_one_entry_at_a_time(self) -> None:
+        holding = [
+            lane_key
+            for key in self._keys("queued", "running", "retrying")
+            if (lane_key := self._key_of(key)) is not None
+        ]
+        assert len(holding) == len(set(holding))
+        for holder, waiting in self.lanes.values():
+            assert self.state[holder] in ("queued", "running", "retrying")
+            assert all(self.state[key] == "waiting" for key in waiting)
+            assert waiting == sorted(waiting, key=lambda k: order(k[1]))
+
+
+# The same settings as LedgerMachine's (the subclass has them).
+TestKeyedLedgerMachine = KeyedLedgerMachine.TestCase
 
 
 # -- reading: how much, and waiting for room ---------------------------------------------
