@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from asyncstreams import App, ConfigurationError, Message
 from asyncstreams.lanes import KeyedLedger
+from asyncstreams.middleware import Call, Middleware, Outcome
 from asyncstreams.options import ConsumerOptions
 
 from .conftest import Names
@@ -317,6 +318,45 @@ async def test_a_key_callable_on_the_payload_and_a_batch_handler(
             order[event.account].append(event.seq)
     for account, seqs in order.items():
         assert seqs == list(range(1, len(seqs) + 1)), account
+
+
+class Outcomes(Middleware):
+    """Every settled call: (outcome, the seq fields of its entries)."""
+
+    def __init__(self) -> None:
+        self.settled_calls: list[tuple[Outcome, list[str]]] = []
+
+    def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
+        seqs = [message.fields.get("seq", "?") for message in call.messages]
+        self.settled_calls.append((outcome, seqs))
+
+
+async def test_middleware_sees_each_outcome_in_key_order(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """What middleware is told stays true with key lanes: a retry, then the success of the
+    same entry, then the next of its key; an entry without a key, dead-lettered."""
+    await produce(
+        client,
+        names.stream,
+        [{"account": "a", "seq": "1"}, {"seq": "x"}, {"account": "a", "seq": "2"}],
+    )
+    failed: set[str] = set()
+    outcomes = Outcomes()
+    app = App(redis_url)
+    app.add_middleware(outcomes)
+
+    @app.consumer(names.stream, group=names.group, key="account", retry_delay=0.01)
+    async def handle(message: Message) -> None:
+        if message.fields["seq"] == "1" and "1" not in failed:
+            failed.add("1")
+            raise RuntimeError("once")
+
+    async with app:
+        await eventually(lambda: _true(len(outcomes.settled_calls) == 4), what="four settled calls")
+    keyed = [item for item in outcomes.settled_calls if item[1] != ["x"]]
+    assert keyed == [("retried", ["1"]), ("acked", ["1"]), ("acked", ["2"])]
+    assert ("dead_lettered", ["x"]) in outcomes.settled_calls
 
 
 async def _pending(client: aioredis.Redis, names: Names) -> int:
