@@ -185,9 +185,15 @@ class KeyedLedger(Ledger):
         holder = self._held[key]
         stream, entry_id = holder
         queue = self.queue
-        # A claim's rare case (a reply is placed in id order): the queue is short.
+        # A claim, or another reader's reply (a reply is placed in id order): rare. From the
+        # right: a holder queued lately is near the end.
+        last = len(queue) - 1
         index = next(
-            (i for i, queued in enumerate(queue) if queued[1] == entry_id and queued[0] == stream),
+            (
+                last - i
+                for i, queued in enumerate(reversed(queue))
+                if queued[1] == entry_id and queued[0] == stream
+            ),
             None,
         )
         if index is None:
