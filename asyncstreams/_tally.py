@@ -6,12 +6,14 @@ each time; here each (handler, group) has a `Tally` of plain counts and histogra
 with `bisect` on fixed bounds, which asyncstreams.prometheus turns into metric families only
 when it is scraped.
 
-An acked call (nearly every call) is only appended to a list; the list is counted when the
-event loop next runs its callbacks, or at once when it holds FLUSH_AT calls, with C loops
-(map, join, Counter) and one clock reading for all of them: an acked entry's end-to-end
-latency ends at that reading, within one turn of the loop of its settle. Counting each call
-as it settled took about 1 us per entry in a running app (2-core machine); the figures of
-this way are in the README's Metrics section.
+An acked entry (nearly every entry) is only appended to its tally's list, with its call's
+duration: by `settled`, or, for a handler of one entry per call with no other middleware,
+by the recorder the worker calls instead (`Tallies.acked_recorder`: no Call is made). The
+lists are counted when the event loop next runs its callbacks, or at once when FLUSH_AT wait,
+with C loops (map, join, Counter) and one clock reading for all of them: an acked entry's
+end-to-end latency ends at that reading, within one turn of the loop of its settle.
+Counting each call as it settled took about 1 us per entry in a running app (2-core
+machine); the figures of this way are in the README's Metrics section.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
-from itertools import chain
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from time import time
 
+from .message import Entry
 from .middleware import OUTCOMES, Call, Middleware, Outcome
 
 log = logging.getLogger("asyncstreams.prometheus")
@@ -51,12 +53,8 @@ FLUSH_AT = 256
 Histogram = list[float]
 """One count per bucket (not cumulative; the last is +Inf), then the sum of the values."""
 
-_entries_of = attrgetter("entries")
-_duration_of = attrgetter("duration")
 _stream_of = itemgetter(0)
 _id_of = itemgetter(1)
-_handler_of = attrgetter("handler")
-_group_of = attrgetter("group")
 _duration_bucket = partial(bisect_left, DURATION_BOUNDS)
 
 
@@ -68,11 +66,14 @@ class Tally:
     """What the calls of one handler in one group came to.
 
     `counts[outcome][stream]`: entries. `latency`: per acked entry, milliseconds from its id
-    to its settle. `duration`: per call, in seconds (calls cut short by the stop and entries
-    that never ran are left out).
+    to its count. `duration`: per call, in seconds (calls cut short by the stop and entries
+    that never ran are left out). `acked` and `durations` hold the acked entries and their
+    calls' durations not counted yet (see `count`).
     """
 
-    __slots__ = ("counts", "duration", "group", "handler", "latency", "stream")
+    __slots__ = (
+        "acked", "counts", "duration", "durations", "group", "handler", "latency", "stream",
+    )  # fmt: skip
 
     def __init__(self, handler: str, group: str, stream: str | None = None) -> None:
         self.handler = handler
@@ -83,11 +84,19 @@ class Tally:
         self.counts: dict[str, dict[str, int]] = {outcome: {} for outcome in OUTCOMES}
         self.latency: Histogram = histogram(LATENCY_BOUNDS)
         self.duration: Histogram = histogram(DURATION_BOUNDS)
+        # Emptied by `count`, never replaced: a recorder holds their `append`.
+        self.acked: list[Entry] = []
+        self.durations: list[float] = []
 
-    def count_acked(self, calls: list[Call], now_ms: float) -> None:
-        """Count acked calls of this handler and group, settled at `now_ms`: with C loops
-        (map, join, sorted, Counter) rather than Python statements per entry."""
-        entries = list(chain.from_iterable(map(_entries_of, calls)))
+    def add(self, call: Call) -> None:
+        """An acked call of this handler and group, to count with the next `count`."""
+        self.acked.extend(call.entries)
+        self.durations.append(call.duration)
+
+    def count(self, now_ms: float) -> None:
+        """Count the acked entries waiting, as settled at `now_ms`: with C loops (map, join,
+        sorted, Counter) rather than Python statements per entry."""
+        entries, durations = self.acked, sorted(self.durations)
         acked = self.counts["acked"]
         if self.stream is not None:
             acked[self.stream] = acked.get(self.stream, 0) + len(entries)
@@ -98,14 +107,15 @@ class Tally:
         # entries share one: each time is parsed once. (A clock behind Redis's makes a wait
         # negative: the first bucket.)
         times = Counter(b"-".join(map(_id_of, entries)).split(b"-")[::2])
+        entries.clear()
+        self.durations.clear()
         latency = self.latency
         for added, count in times.items():
             waited = now_ms - int(added)
             latency[bisect_left(_LATENCY_BOUNDS_MS, waited)] += count
             latency[-1] += waited * count
-        # Sorted, each bucket is one bisect per flush (and most calls of a handler take
+        # Sorted, each bucket is one bisect per count (and most calls of a handler take
         # about as long: the first bounds hold them all).
-        durations = sorted(map(_duration_of, calls))
         histogram, total, below = self.duration, len(durations), 0
         for bucket, bound in enumerate(DURATION_BOUNDS):
             upto = bisect_right(durations, bound)
@@ -155,8 +165,7 @@ class Tallies(Middleware):
                 acked = self._acked
                 acked.append(call)
                 if len(acked) == 1:
-                    loop = self.loop = asyncio.get_running_loop()
-                    loop.call_soon(self.flush)
+                    self._flush_soon()
                 elif len(acked) >= FLUSH_AT:
                     self.flush()
                 return
@@ -173,25 +182,38 @@ class Tallies(Middleware):
         except Exception:
             self._failed()
 
+    def acked_recorder(self, handler: str, group: str) -> Callable[[Entry, float], None]:
+        """What a worker calls with each entry its handler acked, and the call's duration:
+        `settled` without a Call made per entry (see Chain.recorder)."""
+        tally = self.tally(handler, group)
+        acked, add_entry, add_duration = tally.acked, tally.acked.append, tally.durations.append
+
+        def record(entry: Entry, duration: float) -> None:
+            add_entry(entry)
+            add_duration(duration)
+            if len(acked) == 1:
+                self._flush_soon()
+            elif len(acked) >= FLUSH_AT:
+                tally.count(time() * 1000.0)
+
+        return record
+
+    def _flush_soon(self) -> None:
+        loop = self.loop = asyncio.get_running_loop()
+        loop.call_soon(self.flush)
+
     def flush(self) -> None:
-        """Count the acked calls waiting. On the loop's thread only (a scrape from another
-        thread sees them once the loop has run this)."""
-        calls = self._acked
-        if not calls:
-            return
-        self._acked = []
+        """Count the acked calls and entries waiting. On the loop's thread only (a scrape
+        from another thread sees them once the loop has run this)."""
+        calls, self._acked = self._acked, []
         now_ms = time() * 1000.0
         try:
-            handlers = set(map(_handler_of, calls))
-            groups = set(map(_group_of, calls))
-            if len(handlers) == 1 and len(groups) == 1:
-                self.tally(handlers.pop(), groups.pop()).count_acked(calls, now_ms)
-                return
-            by_tally: dict[tuple[str, str], list[Call]] = {}
             for call in calls:
-                by_tally.setdefault((call.handler, call.group), []).append(call)
-            for (handler, group), of_tally in by_tally.items():
-                self.tally(handler, group).count_acked(of_tally, now_ms)
+                self.tally(call.handler, call.group).add(call)
+            for by_group in self.tallies.values():
+                for tally in by_group.values():
+                    if tally.acked or tally.durations:
+                        tally.count(now_ms)
         except Exception:
             self._failed()
 

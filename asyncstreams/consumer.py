@@ -138,6 +138,7 @@ class Consumer:
             name=self.where,
             chain=chain,
             call=make_call if chain is not None else None,
+            record=chain.recorder(plan.name, options.group) if chain is not None else None,
         )
         if isinstance(self.ledger, KeyedLedger):
             self.ledger.ready = self.workers.wake

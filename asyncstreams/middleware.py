@@ -141,6 +141,20 @@ class Chain:
         """Whether any middleware overrides `around` (else calls need no wrapping)."""
         return bool(self._arounds)
 
+    def recorder(self, handler: str, group: str) -> Callable[[Entry, float], None] | None:
+        """A cheaper way than `settled` to tell of an entry acked by a call of one entry,
+        given the entry and the call's duration; None unless the only middleware is
+        asyncstreams' metrics (which then needs no Call made for it)."""
+        if self._arounds or len(self._settles) != 1:
+            return None
+        only = self._settles[0]
+        make: Callable[[str, str], Callable[[Entry, float], None]] | None = getattr(
+            only, "acked_recorder", None
+        )
+        if make is None or not type(only)._settled_catches:
+            return None
+        return make(handler, group)
+
     def wrap(self, call: Call, invoke: Proceed) -> Awaitable[None]:
         """The awaitable that runs `call` through every `around`, then `invoke`."""
         proceed = invoke

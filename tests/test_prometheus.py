@@ -15,12 +15,13 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio.cluster import RedisCluster
 
-from asyncstreams import App, Call, ConfigurationError, Partitioned
+from asyncstreams import App, Call, ConfigurationError, Middleware, Outcome, Partitioned
 from asyncstreams._group_figures import lock_key
 from asyncstreams._slots import key_slot
 from asyncstreams._tally import DURATION_BOUNDS, LATENCY_BOUNDS, Tallies
 from asyncstreams.embedded import EmbeddedCluster
 from asyncstreams.message import entry
+from asyncstreams.middleware import Chain
 from asyncstreams.prometheus import Metrics, instrument, metrics_of
 
 from .conftest import Names
@@ -152,12 +153,26 @@ async def test_names_and_labels_before_and_while_running(
 # -- counts against Redis ----------------------------------------------------------------
 
 
+class _Acks(Middleware):
+    """Counts acked entries as another middleware beside the metrics."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+
+    def settled(self, call: Call, outcome: Outcome, error: BaseException | None) -> None:
+        self.acked += len(call) if outcome == "acked" else 0
+
+
+# Alone, the metrics hear of acked entries through a recorder the workers call (no Call
+# made); beside another middleware, through `settled`, as every middleware does.
+@pytest.mark.parametrize("beside", [None, _Acks], ids=["alone", "beside-another"])
 async def test_processed_counts_match_what_redis_acked_and_dead_lettered(
-    redis_url: str, names: Names, client: aioredis.Redis
+    redis_url: str, names: Names, client: aioredis.Redis, beside: type[_Acks] | None
 ) -> None:
     entries, failing = 60, 12  # every fifth entry fails on each delivery
     await fill(client, names.stream, entries)
-    app = App(redis_url)
+    other = beside() if beside is not None else None
+    app = App(redis_url, middleware=[other] if other is not None else [])
 
     @app.consumer(names.stream, group=names.group, retry_delay=0.01, max_deliveries=2)
     async def handle(fields: dict[str, str]) -> None:
@@ -182,6 +197,11 @@ async def test_processed_counts_match_what_redis_acked_and_dead_lettered(
     assert processed("dead_lettered") == dead == failing
     assert processed("retried") == failing  # max_deliveries=2: one retry each
     assert processed("parked") == processed("cancelled") == 0
+    if other is not None:
+        assert other.acked == entries - failing
+    # The path the workers took: the recorder only when the metrics are alone.
+    recorder = Chain(app.middleware).recorder(handle.__qualname__, names.group)
+    assert (recorder is None) == (other is not None)
     calls_made = value(
         found,
         "asyncstreams_handler_duration_seconds_count",
