@@ -13,6 +13,7 @@ from .errors import (
 )
 from .message import Message
 from .middleware import Call, Middleware, Outcome
+from .outbox import Outbox
 from .partitions import Partitioned
 
 __version__ = "0.1.0"
@@ -28,6 +29,7 @@ __all__ = [
     "Message",
     "Middleware",
     "NotFoundError",
+    "Outbox",
     "Outcome",
     "Partitioned",
     "RedisRefusedError",

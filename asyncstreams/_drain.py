@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._transport import explain
-from .codec import HandlerPlan, Invoke, InvokeBatch
+from .codec import HandlerPlan, Invoke, InvokeBatch, Outboxes
 from .errors import DecodeError
 from .lanes import KeyedLedger
 from .message import Entry
@@ -152,8 +152,8 @@ class ObservedPlan(HandlerPlan):
         assert self.observer is not None
         return self.observer
 
-    def bind(self, group: str, consumer: str) -> Invoke:
-        invoke = HandlerPlan.bind(self, group, consumer)
+    def bind(self, group: str, consumer: str, outboxes: Outboxes | None = None) -> Invoke:
+        invoke = HandlerPlan.bind(self, group, consumer, outboxes)
         watch = self._observer.watch
 
         def observed(s: str, i: bytes, f: list[bytes], d: int) -> Awaitable[Any]:
@@ -163,8 +163,10 @@ class ObservedPlan(HandlerPlan):
 
         return observed
 
-    def bind_batch(self, group: str, consumer: str) -> InvokeBatch:
-        invoke_batch = HandlerPlan.bind_batch(self, group, consumer)
+    def bind_batch(
+        self, group: str, consumer: str, outboxes: Outboxes | None = None
+    ) -> InvokeBatch:
+        invoke_batch = HandlerPlan.bind_batch(self, group, consumer, outboxes)
         watch = self._observer.watch
 
         def observed(

@@ -3,8 +3,9 @@
 A stream entry is a flat map of text fields. A handler asks for it by annotating its
 parameters: a `msgspec.Struct` type is decoded from the fields (strings coerced to numbers
 and booleans, nested values parsed from JSON), `Message` gets the envelope and
-`dict[str, str]` gets the fields. A handler whose parameters are lists of those
-(`list[Task]`, `list[Message]`) is a batch handler: it gets many entries in one call.
+`dict[str, str]` gets the fields, and `Outbox` (one per call) takes what it publishes in a
+pipeline. A handler whose parameters are lists of those (`list[Task]`, `list[Message]`;
+the Outbox stays one) is a batch handler: it gets many entries in one call.
 Everything is worked out once, at registration.
 """
 
@@ -22,8 +23,11 @@ import msgspec.inspect as mi
 
 from .errors import ConfigurationError, DecodeError
 from .message import Entry, Message, decode_fields
+from .outbox import Outbox
 
 Handler = Callable[..., Awaitable[Any]]
+# The Outbox of a call whose first entry is (stream, id).
+Outboxes = Callable[[str, bytes], Outbox]
 # The call for one entry: (stream, id, flat fields, deliveries) -> the handler's awaitable.
 Invoke = Callable[[str, bytes, list[bytes], int], Awaitable[Any]]
 # The call for a batch: entries -> (the entries passed, those that did not decode, the
@@ -37,6 +41,7 @@ class Arg(enum.Enum):
     STRUCT = "a msgspec.Struct payload"
     FIELDS = "the fields as dict[str, str]"
     MESSAGE = "the Message envelope"
+    OUTBOX = "an Outbox to emit outputs to"
 
 
 _CONTAINERS = (
@@ -52,7 +57,8 @@ _CONTAINERS = (
     mi.NamedTupleType,
 )
 _EXPECTED = (
-    "a msgspec.Struct type, Message or dict[str, str] (or, for a batch handler, lists of them)"
+    "a msgspec.Struct type, Message or dict[str, str] (or, for a batch handler, lists of "
+    "them), and an Outbox if it emits outputs"
 )
 
 
@@ -76,13 +82,31 @@ class HandlerPlan:
     payload_type: type[msgspec.Struct] | None
     batch: bool = False
 
-    def bind(self, group: str, consumer: str) -> Invoke:
-        """The per-entry call for this handler running as `consumer` of `group`."""
+    @property
+    def outbox(self) -> bool:
+        """Whether the handler takes an Outbox."""
+        return Arg.OUTBOX in self.args
+
+    def bind(self, group: str, consumer: str, outboxes: Outboxes | None = None) -> Invoke:
+        """The per-entry call for this handler running as `consumer` of `group`
+        (`outboxes` makes the Outbox of a call, for a handler that takes one)."""
         handler = self.handler
         decode = struct_decoder(self.payload_type) if self.payload_type else None
 
         def message(stream: str, id: bytes, flat: list[bytes], deliveries: int) -> Message:
             return Message.from_entry(id, flat, stream, group, consumer, deliveries)
+
+        if self.outbox:
+            makers = [self._maker(arg, decode, message, outboxes) for arg in self.args]
+            keywords = self.keywords
+
+            def invoke_with_outbox(s: str, i: bytes, f: list[bytes], d: int) -> Awaitable[Any]:
+                values = [make(s, i, f, d) for make in makers]
+                positional = [v for v, k in zip(values, keywords, strict=True) if k is None]
+                named = {k: v for v, k in zip(values, keywords, strict=True) if k is not None}
+                return handler(*positional, **named)
+
+            return invoke_with_outbox
 
         # The common shapes get a call of their own: no per-entry loop over parameters.
         if any(self.keywords):
@@ -111,16 +135,24 @@ class HandlerPlan:
         makers = [self._maker(arg, decode, message) for arg in self.args]
         return lambda s, i, f, d: handler(*[make(s, i, f, d) for make in makers])
 
-    def bind_batch(self, group: str, consumer: str) -> InvokeBatch:
-        """The call for a batch of entries, for a handler that takes lists."""
+    def bind_batch(
+        self, group: str, consumer: str, outboxes: Outboxes | None = None
+    ) -> InvokeBatch:
+        """The call for a batch of entries, for a handler that takes lists (and an Outbox,
+        one per call, if it takes one: see `bind`)."""
         handler = self.handler
         decode = struct_decoder(self.payload_type) if self.payload_type else None
 
         def message(stream: str, id: bytes, flat: list[bytes], deliveries: int) -> Message:
             return Message.from_entry(id, flat, stream, group, consumer, deliveries)
 
-        makers = [self._maker(arg, decode, message) for arg in self.args]
-        keywords = self.keywords
+        makers = [self._maker(arg, decode, message) for arg in self.args if arg is not Arg.OUTBOX]
+        keywords = tuple(
+            k for a, k in zip(self.args, self.keywords, strict=True) if a is not Arg.OUTBOX
+        )
+        # Where the Outbox goes among the arguments, if the handler takes one.
+        box_at = self.args.index(Arg.OUTBOX) if self.outbox else -1
+        box_keyword = self.keywords[box_at] if box_at >= 0 else None
 
         def invoke_batch(
             entries: list[Entry],
@@ -144,8 +176,17 @@ class HandlerPlan:
                         column.append(value)
             if not passed:
                 return passed, rejected, None
-            positional = [c for c, k in zip(columns, keywords, strict=True) if k is None]
-            named = {k: c for c, k in zip(columns, keywords, strict=True) if k is not None}
+            positional: list[Any] = [c for c, k in zip(columns, keywords, strict=True) if k is None]
+            named: dict[str, Any] = {
+                k: c for c, k in zip(columns, keywords, strict=True) if k is not None
+            }
+            if box_at >= 0:
+                assert outboxes is not None
+                box = outboxes(passed[0][0], passed[0][1])
+                if box_keyword is None:
+                    positional.insert(box_at, box)
+                else:
+                    named[box_keyword] = box
             return passed, rejected, handler(*positional, **named)
 
         return invoke_batch
@@ -155,9 +196,13 @@ class HandlerPlan:
         arg: Arg,
         decode: Callable[[list[bytes]], Any] | None,
         message: Callable[[str, bytes, list[bytes], int], Message],
+        outboxes: Outboxes | None = None,
     ) -> Callable[[str, bytes, list[bytes], int], Any]:
         if arg is Arg.MESSAGE:
             return message
+        if arg is Arg.OUTBOX:
+            assert outboxes is not None
+            return lambda s, i, f, d: outboxes(s, i)
         if arg is Arg.FIELDS:
             return lambda s, i, f, d: decode_fields(f)
         assert decode is not None
@@ -198,9 +243,20 @@ def plan_handler(handler: object) -> HandlerPlan:
         annotation = param.annotation
         if annotation is param.empty:
             raise ConfigurationError(f"{where}: expected an annotation, {_EXPECTED}; found none")
+        if annotation is Outbox:
+            if Arg.OUTBOX in args:
+                raise ConfigurationError(f"{where}: expected one Outbox parameter, found a second")
+            args.append(Arg.OUTBOX)
+            keywords.append(param.name if param.kind is param.KEYWORD_ONLY else None)
+            continue
         is_list = typing.get_origin(annotation) is list and len(typing.get_args(annotation)) == 1
         if is_list:
             annotation = typing.get_args(annotation)[0]
+        if annotation is Outbox:
+            raise ConfigurationError(
+                f"{where}: expected Outbox (one per call, a batch handler's too), found "
+                f"{param.annotation!r}"
+            )
         if annotation is Message:
             arg = Arg.MESSAGE
         elif _is_struct_type(annotation):
@@ -210,7 +266,7 @@ def plan_handler(handler: object) -> HandlerPlan:
             arg = Arg.FIELDS
         else:
             raise ConfigurationError(f"{where}: expected {_EXPECTED}, found {param.annotation!r}")
-        if arg is not Arg.MESSAGE and any(a is not Arg.MESSAGE for a in args):
+        if arg is not Arg.MESSAGE and any(a in (Arg.STRUCT, Arg.FIELDS) for a in args):
             raise ConfigurationError(
                 f"{where}: the handler already takes a payload; expected one payload "
                 f"parameter ({Arg.STRUCT.value} or {Arg.FIELDS.value}), found a second"
@@ -224,7 +280,7 @@ def plan_handler(handler: object) -> HandlerPlan:
         args.append(arg)
         lists.append(is_list)
         keywords.append(param.name if param.kind is param.KEYWORD_ONLY else None)
-    if not args:
+    if not lists:
         raise ConfigurationError(
             f"handler {name}: expected at least one parameter annotated with {_EXPECTED}, "
             "found none"

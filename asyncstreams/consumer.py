@@ -33,12 +33,13 @@ from ._logsetup import log_context
 from ._nodes import Nodes
 from ._tasks import first_failure
 from ._transport import SOCKET_TIMEOUT, Redis, explain, is_transient, refused, refuses
-from .codec import HandlerPlan
+from .codec import HandlerPlan, Invoke, InvokeBatch
 from .failures import Failures
 from .lanes import KeyedLedger, guarded, guarded_batch, make_ledger
 from .message import Entry
 from .middleware import Call, Chain, Middleware
 from .options import ConsumerOptions
+from .pipeline import Pipeline
 from .recovery import Recovery
 from .workers import Workers
 
@@ -111,7 +112,21 @@ class Consumer:
             GroupReader(nodes, streams, options.group, name, options.block_ms)
             for streams in nodes.slot_groups(options.names)
         ]
-        self._acker = Acker(nodes, options.names, options.group)
+        # With outputs to publish, the acks are commits (asyncstreams.pipeline).
+        self.pipeline = (
+            Pipeline(
+                nodes,
+                group=options.group,
+                consumer=name,
+                handler=plan.name,
+                output=options.output,
+                output_key=options.output_key,
+                inputs=options.streams,  # type: ignore[arg-type]  # a tuple since __post_init__
+            )
+            if options.output is not None or plan.outbox
+            else None
+        )
+        self._acker: Acker | Pipeline = self.pipeline or Acker(nodes, options.names, options.group)
         self.failures = Failures(nodes, options, name, self.where, self.ledger)
         chain = Chain(middleware) if middleware else None
 
@@ -128,12 +143,8 @@ class Consumer:
             concurrency=options.concurrency,
             max_payload_bytes=options.max_payload_bytes,
             batch_size=options.batch_size,
-            invoke=None
-            if plan.batch
-            else guarded(self.ledger, plan.bind(options.group, name), plan),
-            invoke_batch=guarded_batch(self.ledger, plan.bind_batch(options.group, name))
-            if plan.batch
-            else None,
+            invoke=None if plan.batch else self._invoke(plan, options, name),
+            invoke_batch=self._invoke_batch(plan, options, name) if plan.batch else None,
             exit_requested=self._exit_requested,
             name=self.where,
             chain=chain,
@@ -155,6 +166,20 @@ class Consumer:
         self._readers_left = len(self._readers)
         self._reader_done = anyio.Event()
         self._recovery_done = anyio.Event()
+
+    def _invoke(self, plan: HandlerPlan, options: ConsumerOptions, name: str) -> Invoke:
+        """The per-entry call of the handler: key lanes' guard, and a pipeline's staging."""
+        pipeline = self.pipeline
+        bound = plan.bind(options.group, name, pipeline.outbox if pipeline else None)
+        invoke = guarded(self.ledger, bound, plan)
+        return pipeline.staged(invoke) if pipeline else invoke
+
+    def _invoke_batch(self, plan: HandlerPlan, options: ConsumerOptions, name: str) -> InvokeBatch:
+        """`_invoke` for a batch handler."""
+        pipeline = self.pipeline
+        bound = plan.bind_batch(options.group, name, pipeline.outbox if pipeline else None)
+        invoke = guarded_batch(self.ledger, bound)
+        return pipeline.staged_batch(invoke) if pipeline else invoke
 
     async def run(
         self,

@@ -157,6 +157,25 @@ class ConsumerOptions:
         ),
     )
 
+    output: str | Partitioned | None = field(
+        default=None,
+        metadata=_doc(
+            "where the handler's return value is published (a payload, a list of them, or "
+            "`None` for nothing): a stream name (`{stream}` is replaced by the entry's "
+            "stream) or a `Partitioned` stream; committed with the entry's ack in one step "
+            "(see [Pipelines](#pipelines)). `None`: the return value is ignored"
+        ),
+    )
+    output_key: str | Callable[[Any], Hashable] | None = field(
+        default=None,
+        metadata=_doc(
+            "for a `Partitioned` output: a field name of the returned payload, or a callable "
+            "on it, whose value picks the partition; `None`: the input's partition number "
+            "(from a `Partitioned` input of as many partitions), else one picked by the "
+            "input entry's id"
+        ),
+    )
+
     def __post_init__(self) -> None:
         owner = "consumer"
         given = self.streams
@@ -208,6 +227,7 @@ class ConsumerOptions:
                         f"{owner}: dead_letter {self.dead_letter!r} names a stream this "
                         f"consumer reads ({stream!r}); expected another stream"
                     )
+        self._check_output(owner, names)
         _positive_int(owner, "claim_idle_ms", self.claim_idle_ms)
         if self.max_payload_bytes is not None:
             _positive_int(owner, "max_payload_bytes", self.max_payload_bytes)
@@ -217,6 +237,38 @@ class ConsumerOptions:
         if self.delete_idle_consumers_after is not None:
             _non_negative_number(
                 owner, "delete_idle_consumers_after", self.delete_idle_consumers_after
+            )
+
+    def _check_output(self, owner: str, names: tuple[str, ...]) -> None:
+        output = self.output
+        if output is None:
+            if self.output_key is not None:
+                raise ConfigurationError(
+                    f"{owner}: output_key picks the partition of a Partitioned output; "
+                    "expected output=Partitioned(...) beside it, found no output"
+                )
+            return
+        if not isinstance(output, (str, Partitioned)) or not output:
+            raise ConfigurationError(
+                f"{owner}: output must be a non-empty stream name or a Partitioned stream, "
+                f"got {output!r}"
+            )
+        if isinstance(output, str):
+            if self.output_key is not None:
+                raise ConfigurationError(
+                    f"{owner}: output_key picks the partition of a Partitioned output; "
+                    f"expected output=Partitioned(...), found the stream {output!r}"
+                )
+            outputs = [output.replace("{stream}", stream) for stream in names]
+        else:
+            outputs = list(output.streams)
+            if self.output_key is not None and not callable(self.output_key):
+                _name(owner, "output_key (a field name, or a callable)", self.output_key)
+        looped = sorted(set(outputs) & set(names))
+        if looped:
+            raise ConfigurationError(
+                f"{owner}: output {output!r} names a stream this consumer reads "
+                f"({looped[0]!r}); expected another stream"
             )
 
     @property
@@ -233,10 +285,7 @@ class ConsumerOptions:
     def label(self) -> str:
         """The streams read, for logs: a `Partitioned` as `name[partitions]`."""
         items: tuple[str | Partitioned, ...] = self.streams  # type: ignore[assignment]  # a tuple since __post_init__
-        return ",".join(
-            f"{item.name}[{item.partitions}]" if isinstance(item, Partitioned) else item
-            for item in items
-        )
+        return ",".join(item.label if isinstance(item, Partitioned) else item for item in items)
 
     @property
     def limit(self) -> int:

@@ -11,6 +11,8 @@ The names are fixed by a rule, since data lives under them; it never changes:
   evenly over the masters of a cluster whose slots are split evenly (as
   `redis-cli --cluster create` splits them), and partition 0 of two streams seldom shares
   a master.
+- `derive(name)` gives streams of the same partitions with `:name` appended, each in its
+  partition's slot: `{name:i:k}:name`.
 - The partition of a key is CRC-32 (zlib's, IEEE 802.3) of the key's UTF-8 bytes, modulo
   `n`: the same in every process, language and version (not Python's `hash()`).
 """
@@ -39,6 +41,8 @@ class Partitioned:
 
     name: str
     partitions: int
+    # Appended to each partition's name (see `derive`); empty for a stream of its own.
+    suffix: str = ""
     streams: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,12 +61,33 @@ class Partitioned:
                 f"Partitioned {self.name!r}: expected 1 to {MAX_PARTITIONS} partitions, "
                 f"got {partitions}"
             )
+        if not isinstance(self.suffix, str):
+            raise ConfigurationError(
+                f"Partitioned {self.name!r}: expected the suffix as str, got {self.suffix!r}"
+            )
         offset = key_slot(self.name) * partitions // SLOTS
         streams = tuple(
             _name_in_range(self.name, index, (index + offset) % partitions, partitions)
+            + self.suffix
             for index in range(partitions)
         )
         object.__setattr__(self, "streams", streams)
+
+    @property
+    def label(self) -> str:
+        """`name[partitions]` (with its suffix, if derived), for logs and errors."""
+        return f"{self.name}{self.suffix}[{self.partitions}]"
+
+    def derive(self, name: str) -> Partitioned:
+        """Streams of as many partitions, partition `i` of which shares partition `i`'s hash
+        slot: `{orders:3:0}:enriched` for `Partitioned("orders", 16).derive("enriched")`.
+        A pipeline from this stream to the derived one commits each partition's outputs
+        with its acks in one step, on a cluster too (see asyncstreams.pipeline)."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"Partitioned {self.label}: derive expected a non-empty name, got {name!r}"
+            )
+        return Partitioned(self.name, self.partitions, suffix=f"{self.suffix}:{name}")
 
     def index(self, key: str | bytes) -> int:
         """The partition `key` belongs to: CRC-32 of its UTF-8 bytes modulo `partitions`."""

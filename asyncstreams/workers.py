@@ -445,5 +445,7 @@ class Workers:
 
 def _close_unstarted(awaitable: object) -> None:
     """Close the handler's coroutine if nothing awaited it (no "never awaited" warning)."""
+    # A pipeline's call wraps the handler's coroutine (asyncstreams.pipeline.Staging).
+    awaitable = getattr(awaitable, "inner", awaitable)
     if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == "CORO_CREATED":
         awaitable.close()

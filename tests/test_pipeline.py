@@ -1,0 +1,250 @@
+"""Pipelines (`output=`, `Outbox`): outputs committed with their inputs' acks, against a real
+redis-server. The fault runs (SIGKILL, SIGSTOP) are in test_pipeline_faults.py."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from asyncstreams import App, ConfigurationError, Message, Outbox, Partitioned
+from asyncstreams.pipeline import _COMMIT
+
+from .conftest import Names
+from .helpers import eventually, fill, pending_count, wait_drained
+
+pytestmark = pytest.mark.anyio
+
+
+class Order(msgspec.Struct):
+    n: int
+
+
+class Enriched(msgspec.Struct):
+    n: int
+    double: int
+    tags: list[str] = []
+
+
+async def _length_is(client: aioredis.Redis, stream: str, length: int) -> bool:
+    return bool(await client.xlen(stream) == length)
+
+
+async def _outputs(client: aioredis.Redis, stream: str) -> list[dict[str, str]]:
+    return [dict(fields) for _, fields in await client.xrange(stream)]
+
+
+async def test_the_return_value_is_published_to_output_and_the_input_acked(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    await fill(client, names.stream, 50)
+    out = names("enriched")
+    app = App(redis_url)
+
+    @app.consumer(names.stream, group=names.group, output=out)
+    async def enrich(order: Order) -> Enriched | list[Enriched] | None:
+        if order.n % 10 == 0:
+            return None  # publishes nothing
+        if order.n % 10 == 1:
+            return [Enriched(order.n, 2 * order.n), Enriched(order.n, -1)]  # publishes two
+        return Enriched(order.n, 2 * order.n, tags=["a"])
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    outputs = await _outputs(client, out)
+    assert len(outputs) == 40 + 2 * 5  # one each for 40 entries, none for 5, two for 5
+    assert sorted(int(o["n"]) for o in outputs if o["double"] != "-1") == [
+        n for n in range(50) if n % 10
+    ]
+    assert {o["tags"] for o in outputs if int(o["n"]) % 10 > 1} == {'["a"]'}  # as publish writes
+    assert await pending_count(client, names.stream, names.group) == 0
+
+
+async def test_an_outbox_emits_to_several_streams_and_a_failed_call_emits_nothing(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    await fill(client, names.stream, 20)
+    audit, odd = names("audit"), names("odd")
+    app = App(redis_url)
+    runs: dict[int, int] = {}
+
+    @app.consumer(names.stream, group=names.group, retry_delay=0.01, output=names("main"))
+    async def split(order: Order, msg: Message, out: Outbox) -> Order:
+        runs[order.n] = runs.get(order.n, 0) + 1
+        out.emit(audit, {"n": order.n, "id": msg.id})
+        if order.n % 2:
+            out.emit(odd, order)
+        if order.n == 7 and runs[order.n] == 1:
+            raise ValueError("the first run of 7 fails after emitting")
+        return order
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    assert runs[7] == 2
+    assert sorted(int(o["n"]) for o in await _outputs(client, audit)) == list(range(20))
+    assert sorted(int(o["n"]) for o in await _outputs(client, odd)) == list(range(1, 20, 2))
+    assert await client.xlen(names("main")) == 20
+
+
+async def test_a_batch_handler_commits_its_returned_list_with_the_batch(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    await fill(client, names.stream, 300)
+    out = names("sums")
+    app = App(redis_url)
+    calls = 0
+
+    @app.consumer(names.stream, group=names.group, batch_size=100, output=out)
+    async def total(orders: list[Order], out_box: Outbox) -> list[dict[str, int]]:
+        nonlocal calls
+        calls += 1
+        out_box.emit(names("counts"), {"count": len(orders)})
+        return [{"sum": sum(order.n for order in orders)}]
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    sums = [int(o["sum"]) for o in await _outputs(client, out)]
+    counts = [int(o["count"]) for o in await _outputs(client, names("counts"))]
+    assert sum(sums) == sum(range(300))
+    assert len(sums) == len(counts) == calls
+    assert sum(counts) == 300
+
+
+async def test_an_output_that_cannot_be_published_fails_the_entry_to_the_dead_letter_stream(
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fill(client, names.stream, 3)
+    out = names("out")
+    app = App(redis_url)
+
+    @app.consumer(names.stream, group=names.group, output=out, max_deliveries=1)
+    async def wrong(order: Order) -> object:
+        return order.n if order.n == 1 else {"n": order.n}  # an int is no payload
+
+    with caplog.at_level(logging.ERROR, logger="asyncstreams"):
+        async with app:
+            dead_letter = f"{names.stream}:dead-letter"
+            await eventually(lambda: _length_is(client, dead_letter, 1), what="a dead letter")
+            await wait_drained(client, names.stream, names.group)
+    assert sorted(int(o["n"]) for o in await _outputs(client, out)) == [0, 2]
+    assert "expected a msgspec.Struct, a dict, a list of them or None, found int" in caplog.text
+
+
+async def test_partitioned_output_keeps_the_partition_or_follows_output_key(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    orders = Partitioned(names("orders"), 4)
+    enriched = orders.derive("enriched")
+    by_customer = Partitioned(names("by-customer"), 3)
+    app = App(redis_url)
+    await app.publish_many(orders, [{"n": n, "customer": f"c{n % 5}"} for n in range(40)],
+                           keys=[str(n) for n in range(40)])  # fmt: skip
+
+    @app.consumer(orders, group=names.group, output=enriched)
+    async def same(msg: Message) -> dict[str, str]:
+        return {"from": msg.stream, **msg.fields}
+
+    @app.consumer(orders, group=names("g2"), output=by_customer, output_key="customer")
+    async def keyed(msg: Message) -> dict[str, str]:
+        return dict(msg.fields)
+
+    async with app:
+        for partition in orders.streams:
+            await wait_drained(client, partition, names.group)
+            await wait_drained(client, partition, names("g2"))
+    for index, stream in enumerate(enriched.streams):
+        assert stream == f"{orders.streams[index]}:enriched"
+        assert {o["from"] for o in await _outputs(client, stream)} <= {orders.streams[index]}
+    assert sum([await client.xlen(s) for s in enriched.streams]) == 40
+    for stream in by_customer.streams:
+        for output in await _outputs(client, stream):
+            assert by_customer.stream(output["customer"]) == stream
+    await app.aclose()
+
+
+async def test_the_commit_skips_entries_pending_on_another_consumer_or_acked(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """The fence itself, on the script: only entries pending on the committing consumer
+    have their outputs added and are acked."""
+    ids = await fill(client, names.stream, 3)
+    await client.xgroup_create(names.stream, names.group, id="0")
+    await client.xreadgroup(names.group, "me", {names.stream: ">"}, count=3)
+    await client.xclaim(names.stream, names.group, "peer", 0, [ids[1]])
+    await client.xack(names.stream, names.group, ids[2])
+    out = names("out")
+    args: list[str | int] = [names.group, "me"]
+    for entry_id in ids:
+        args += [1, 1, entry_id, 1, 2, 2, "from", entry_id]
+    skipped = await client.execute_command("EVAL", _COMMIT, 2, names.stream, out, *args)
+    assert skipped == [1, 1, 2, 0]  # call 1: pending on the peer; call 2: acked already
+    assert [o["from"] for o in await _outputs(client, out)] == [ids[0]]
+    pending = await client.xpending_range(names.stream, names.group, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(ids[1], "peer")]
+    # Sent again (a lost reply), it adds nothing twice.
+    again = await client.execute_command("EVAL", _COMMIT, 2, names.stream, out, *args)
+    assert again == [0, 0, 1, 1, 2, 0]
+    assert await client.xlen(out) == 1
+
+
+async def test_an_output_to_a_key_that_is_not_a_stream_leaves_its_entry_to_the_dead_letters(
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fill(client, names.stream, 5)
+    await client.set(names("taken"), "a string")
+    app = App(redis_url, grace_period=0.2)
+
+    @app.consumer(
+        names.stream, group=names.group, output=names("fine"), claim_idle_ms=200, max_deliveries=2
+    )
+    async def two(order: Order, out: Outbox) -> Order:
+        if order.n == 3:
+            out.emit(names("taken"), order)
+        return order
+
+    with caplog.at_level(logging.ERROR, logger="asyncstreams"):
+        async with app:
+            dead_letter = f"{names.stream}:dead-letter"
+            await eventually(lambda: _length_is(client, dead_letter, 1), what="a dead letter")
+            await wait_drained(client, names.stream, names.group)
+    # The other entries' commits went through; entry 3's never did.
+    assert sorted(int(o["n"]) for o in await _outputs(client, names("fine"))) == [0, 1, 2, 4]
+    assert await client.get(names("taken")) == "a string"
+    assert "a key of another type; the entries stay pending" in caplog.text
+
+
+async def _pending_is(client: aioredis.Redis, stream: str, group: str, count: int) -> bool:
+    return await pending_count(client, stream, group) == count
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"output": ""}, "output must be a non-empty stream name or a Partitioned stream"),
+        ({"output": 3}, "output must be a non-empty stream name or a Partitioned stream"),
+        ({"output": "{stream}"}, "names a stream this consumer reads"),
+        ({"output_key": "k"}, "expected output=Partitioned(...) beside it, found no output"),
+        ({"output": "o", "output_key": "k"}, "expected output=Partitioned(...), found the"),
+    ],
+)
+def test_output_options_are_checked(options: dict[str, object], message: str) -> None:
+    app = App("redis://127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+
+        @app.consumer("s", group="g", **options)  # type: ignore[arg-type]
+        async def handle(fields: dict[str, str]) -> None: ...
+
+
+def test_an_outbox_is_one_per_call() -> None:
+    app = App("redis://127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match=r"expected Outbox \(one per call"):
+
+        @app.consumer("s", group="g")
+        async def handle(orders: list[Order], boxes: list[Outbox]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="expected one Outbox parameter, found a second"):
+
+        @app.consumer("s", group="g")
+        async def twice(order: Order, one: Outbox, two: Outbox) -> None: ...
