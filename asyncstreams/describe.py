@@ -10,7 +10,7 @@ only when a key is removed or changes meaning (new keys may appear without it).
   user name or password.
 - `consumers`: one object per handler, in registration order:
   - `handler` (its qualified name), `group`, `batch` (it takes lists of entries),
-    `message` (it takes the `Message` envelope);
+    `message` (it takes the `Message` envelope), `outbox` (it takes an `Outbox`);
   - `streams`: one object per item of `streams=`: `name`, `partitions` (the count for a
     `Partitioned` stream, else null) and `streams` (the streams read: the partitions' names,
     or the name itself);
@@ -18,7 +18,9 @@ only when a key is removed or changes meaning (new keys may appear without it).
     (`dict[str, str]`) or `any` (only `Message`: any fields); `schema` is a JSON Schema
     (msgspec's, draft 2020-12) of what one entry's fields decode to;
   - `options`: every other `ConsumerOptions` field with its value in effect (`consumer`
-    null: a name unique per process; a `key` callable: its qualified name);
+    null: a name unique per process; a `key` or `output_key` callable: its qualified name;
+    a `Partitioned` `output`: an object like those of `streams`, its name with the suffix
+    `derive` gave it);
   - `dead_letters`: per stream read, `dead_letter` (its dead-letter stream, or null when
     `dead_letter=None`) and `dead_letter_on_cluster` (the name on a Redis Cluster, where the
     default `{stream}:dead-letter` becomes `{<stream>}:dead-letter` if that keeps it in the
@@ -164,14 +166,8 @@ def _consumer(registration: Registration) -> dict[str, Any]:
         "group": options.group,
         "batch": plan.batch,
         "message": Arg.MESSAGE in plan.args,
-        "streams": [
-            {
-                "name": item.name if isinstance(item, Partitioned) else item,
-                "partitions": item.partitions if isinstance(item, Partitioned) else None,
-                "streams": list(_names(item)),
-            }
-            for item in _items(options)
-        ],
+        "outbox": plan.outbox,
+        "streams": [_stream_item(item) for item in _items(options)],
         "payload": {
             "kind": _kind(plan),
             "type": plan.payload_type.__name__ if plan.payload_type else None,
@@ -197,9 +193,20 @@ def option_values(options: ConsumerOptions) -> dict[str, Any]:
         for f in fields(ConsumerOptions)
         if f.name not in ("_", "streams", "group")
     }
-    if callable(options.key):
-        values["key"] = getattr(options.key, "__qualname__", None) or repr(options.key)
+    for name in ("key", "output_key"):
+        if callable(values[name]):
+            values[name] = getattr(values[name], "__qualname__", None) or repr(values[name])
+    if isinstance(options.output, Partitioned):
+        values["output"] = _stream_item(options.output)
     return values
+
+
+def _stream_item(item: str | Partitioned) -> dict[str, Any]:
+    return {
+        "name": item.name + item.suffix if isinstance(item, Partitioned) else item,
+        "partitions": item.partitions if isinstance(item, Partitioned) else None,
+        "streams": list(_names(item)),
+    }
 
 
 def _items(options: ConsumerOptions) -> tuple[str | Partitioned, ...]:

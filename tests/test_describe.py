@@ -40,6 +40,7 @@ CONSUMER_KEYS = {
     "group",
     "batch",
     "message",
+    "outbox",
     "streams",
     "payload",
     "options",
@@ -464,3 +465,25 @@ def test_version() -> None:
     done = cli("--version")
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == f"asyncstreams {importlib.metadata.version('asyncstreams')}\n"
+
+
+def test_a_pipeline_consumer_shows_its_output_and_outbox() -> None:
+    from asyncstreams import App, Outbox, Partitioned
+    from asyncstreams.describe import describe as build
+
+    app = App("redis://127.0.0.1:1")
+    orders = Partitioned("orders", 2)
+
+    @app.consumer(orders, group="g", output=orders.derive("out"), output_key=lambda o: o["k"])
+    async def stage(fields: dict[str, str], out: Outbox) -> dict[str, str]:
+        return fields
+
+    (consumer,) = build(app, "inline:app")["consumers"]
+    assert consumer["outbox"] is True
+    assert consumer["options"]["output"] == {
+        "name": "orders:out",
+        "partitions": 2,
+        "streams": [f"{name}:out" for name in orders.streams],
+    }
+    assert consumer["options"]["output_key"].endswith("<lambda>")
+    json.dumps(consumer)  # every value is JSON
