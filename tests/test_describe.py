@@ -23,6 +23,7 @@ import jsonschema
 import msgspec
 import pytest
 
+from asyncstreams import App, Outbox, Partitioned
 from asyncstreams.cli import main
 from asyncstreams.codec import encode_fields
 from asyncstreams.options import ConsumerOptions
@@ -468,7 +469,6 @@ def test_version() -> None:
 
 
 def test_a_pipeline_consumer_shows_its_output_and_outbox() -> None:
-    from asyncstreams import App, Outbox, Partitioned
     from asyncstreams.describe import describe as build
 
     app = App("redis://127.0.0.1:1")
