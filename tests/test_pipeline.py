@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -13,7 +14,7 @@ from asyncstreams import App, ConfigurationError, Message, Outbox, Partitioned
 from asyncstreams.pipeline import _COMMIT
 
 from .conftest import Names
-from .helpers import eventually, fill, pending_count, wait_drained
+from .helpers import eventually, fill, own_server, pending_count, wait_drained
 
 pytestmark = pytest.mark.anyio
 
@@ -248,3 +249,47 @@ def test_an_outbox_is_one_per_call() -> None:
 
         @app.consumer("s", group="g")
         async def twice(order: Order, one: Outbox, two: Outbox) -> None: ...
+
+
+async def test_a_full_redis_holds_the_commits_until_it_has_room_and_nothing_is_lost() -> None:
+    """At maxmemory the commit script's first XADD is refused: nothing is written, the
+    consumer rides it out as an outage, and once Redis has room every input has its one
+    output."""
+    server = own_server("--maxmemory-policy", "noeviction").start()
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        await fill(client, "jobs", 200)
+        await client.xadd("jobs:out", {"n": "-1"})
+        app = App(server.url)
+        release = anyio.Event()
+
+        @app.consumer("jobs", group="stage", output="jobs:out")
+        async def stage(order: Order) -> Order:
+            await release.wait()
+            return order
+
+        async with app:
+            consumer = app.consumers[0]
+            await eventually(lambda: _true(consumer.figures().in_flight > 0), what="entries held")
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory", used // 2)
+            release.set()
+            await eventually(lambda: _true(consumer.figures().in_outage), what="an outage")
+            assert await client.xlen("jobs:out") == 1  # nothing added
+            assert await _oom_refused(client)
+            await client.config_set("maxmemory", 0)
+            await wait_drained(client, "jobs", "stage")
+        outputs = [int(o["n"]) for o in await _outputs(client, "jobs:out")]
+        assert sorted(outputs) == [-1, *range(200)]
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _oom_refused(client: aioredis.Redis) -> bool:
+    """Redis counts the errors it replied with, by their code (INFO errorstats)."""
+    return any("OOM" in name for name in await client.info("errorstats"))
