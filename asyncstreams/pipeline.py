@@ -57,7 +57,8 @@ MOST_FIELDS = 3_900
 # another consumer; 2, an output key holds something other than a stream (the entries stay
 # pending: claimed again after claim_idle_ms, they end in the dead-letter stream). Redis
 # refuses a write for want of memory only at a script's first one, so a full Redis fails the
-# whole script with nothing written (its error is returned as it is: an outage to ride out).
+# whole script with nothing written (its error is returned with its own code, OOM, which
+# Redis 6.2 prefixes with the script's line: an outage to ride out).
 _COMMIT = """
 local group, consumer = ARGV[1], ARGV[2]
 local kinds = {}
@@ -91,7 +92,10 @@ while at <= #ARGV do
     for o = 1, outputs do
       local key, fields = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
       local added = redis.pcall('XADD', KEYS[key], '*', unpack(ARGV, at + 2, at + 1 + fields))
-      if type(added) == 'table' and added.err then return added end
+      if type(added) == 'table' and added.err then
+        local code = string.match(added.err, '^@user_script: ?%d+: ?%-(.*)$')
+        return redis.error_reply(code or added.err)
+      end
       kinds[key] = 'stream'
       at = at + 2 + fields
     end
