@@ -164,6 +164,21 @@ async def _until_acked_on_nodes(spec: ConsumeSpec, deadline: float) -> bool:
             await client.aclose()
 
 
+async def _check_output(spec: ConsumeSpec) -> None:
+    """Raise unless the output stream holds one entry per entry of the data set: a pipeline
+    that publishes nothing, or too much, is not measured."""
+    redis = aioredis.Redis.from_url(spec.url, protocol=2)
+    try:
+        length = await redis.xlen(spec.output)
+    finally:
+        await redis.aclose()
+    if length != spec.entries:
+        raise RuntimeError(
+            f"the output stream {spec.output} holds {length:,} entries after the drain; "
+            f"expected {spec.entries:,} (one per entry)"
+        )
+
+
 def _latency(values: Any) -> Latency | None:
     if not values:
         return None
@@ -206,6 +221,8 @@ async def consume(spec: ConsumeSpec) -> ConsumeResult:
                     result.acked = await _until_acked(spec, handled_at + ACK_WAIT_SECONDS)
                 acked_at = time.perf_counter()
                 acked_cpu = cpu_seconds()
+                if spec.output and result.acked:  # after the timed window
+                    await _check_output(spec)
         except Exception as exc:  # keep the counts: they say how far it got
             traceback.print_exc()
             result.error = f"{type(exc).__name__}: {exc}".removesuffix(": ")

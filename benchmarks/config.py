@@ -14,6 +14,7 @@ DEFAULT_SCENARIOS = (
     "payload",
     "cluster",
     "middleware",
+    "pipeline",
 )
 # Opt-in only: a 1,000,000-entry backlog takes a while to write and to drain.
 OPTIONAL_SCENARIOS = ("memory",)

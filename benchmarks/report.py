@@ -25,6 +25,7 @@ SCENARIO_TITLES = {
     "memory": "Memory under a large backlog",
     "cluster": "Redis Cluster: one consumer process over three masters",
     "middleware": "What middleware costs a no-op drain",
+    "pipeline": "What a pipeline's output costs a no-op drain",
 }
 SCENARIO_NOTES = {
     "drain": (
@@ -77,6 +78,14 @@ SCENARIO_NOTES = {
         "one middleware whose `around` only awaits `proceed()` and whose `settled` does "
         "nothing; and the Prometheus metrics of `asyncstreams.prometheus.instrument(app)` "
         "(nothing scrapes them meanwhile)."
+    ),
+    "pipeline": (
+        "The drain scenario's no-op drain, by the same consumer three ways: no output; "
+        "`output=` a stream of the suite's, the handler returning the `Task` it got (one "
+        "output per entry, added with the entry's XACK by one script per ack batch); and "
+        "the same by a batch handler (`list[Task]`) returning its list. After each drain the "
+        "child checks that the output stream holds one entry per entry (a run that published "
+        "fewer fails); the stream is deleted after each run."
     ),
 }
 

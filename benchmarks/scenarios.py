@@ -92,6 +92,7 @@ def _drain(
     sample_rss: bool = False,
     source: str = "",
     middleware: Middle = "none",
+    output: bool = False,
 ) -> RunStep:
     def run(store: Store, dataset: DataSet | None) -> Run:
         assert dataset is not None
@@ -107,6 +108,7 @@ def _drain(
             sample_rss=sample_rss,
             source=source,
             middleware=middleware,
+            output=output,
         )
 
     return run
@@ -328,6 +330,25 @@ def middleware(config: Config) -> list[Step]:
     ]  # fmt: skip
 
 
+def pipeline(config: Config) -> list[Step]:
+    """What `output=` costs a no-op drain: the handler returns its input, one output per
+    entry, committed with the entry's XACK."""
+    row = partial(Step, "pipeline", "no-op drain", repeat=config.repeat,
+                  data=(config.drain_entries, config.entry_size))  # fmt: skip
+    no_pipelines = asyncstreams_impl.pipelines()
+    return [
+        row("asyncstreams", "asyncstreams, no output (the drain's no-op drain)", "asyncstreams",
+            _drain("asyncstreams")),
+        row("transform", "asyncstreams, output=stream: the handler returns its Task",
+            "asyncstreams", _drain("asyncstreams", output=True), ref="asyncstreams",
+            skip=no_pipelines),
+        row("transform-batch", "asyncstreams, output=stream: a batch handler (list[Task]) "
+            "returns its list", "asyncstreams", _drain("asyncstreams", shape="batch",
+            output=True), ref="asyncstreams",
+            skip=no_pipelines or asyncstreams_impl.batch_handlers()),
+    ]  # fmt: skip
+
+
 def _size_label(size: int) -> str:
     return f"{size // 1000} KB" if size >= 1000 else f"{size} B"
 
@@ -342,6 +363,7 @@ PLANS: dict[str, Callable[[Config], list[Step]]] = {
     "memory": memory,
     "cluster": cluster,
     "middleware": middleware,
+    "pipeline": pipeline,
 }
 
 

@@ -54,6 +54,10 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     batch_size: int = 0  # asyncstreams' batch_size (XREADGROUP COUNT); 0: its default
     loop: Loop = "uvloop"
     middleware: Middle = "none"
+    # The pipeline scenario: a stream the asyncstreams consumer publishes to (`output=`), its
+    # handler returning what it got, one output per entry ("": no output). The child checks
+    # that the stream holds `entries` entries once the drain is done.
+    output: str = ""
     # "count": done when `entries` were handled and acked (the child times it);
     # "stdin": run until the parent writes STOP (several processes share the group).
     until: Literal["count", "stdin"] = "count"

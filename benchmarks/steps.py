@@ -114,10 +114,14 @@ def drain(
     sample_rss: bool = False,
     source: str = "",
     middleware: Middle = "none",
+    output: bool = False,
 ) -> Run:
-    """One consumer drains the data set in a group of its own, starting at the first entry."""
+    """One consumer drains the data set in a group of its own, starting at the first entry.
+    `output`: it publishes what its handler returns to a fresh stream of the suite's (the
+    child checks its length), deleted after the run."""
     group = store.group(impl)
     store.create_group(dataset.stream, group, "0")
+    output_stream = store.name("output") if output else ""
     spec = ConsumeSpec(
         impl=impl,
         url=store.url,
@@ -133,6 +137,7 @@ def drain(
         sample_rss=sample_rss,
         source=source,
         middleware=middleware,
+        output=output_stream,
     )
     try:
         with _spawn("consume", spec, f"consumer {impl}") as child:
@@ -143,6 +148,8 @@ def drain(
             problems = store.check_group(dataset.stream, group, dataset.last_id, dataset.entries)
     finally:
         store.destroy_group(dataset.stream, group)
+        if output_stream:
+            store.delete(output_stream)
     run = Run(
         rate=(dataset.entries - 1) / result.seconds if result.seconds else None,
         seconds=result.seconds,

@@ -12,6 +12,7 @@ CLUSTER_RATE_SHARE = 0.7  # a cluster drain against the one-server drain of the 
 CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's at most 10% above one server's
 CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
 METRICS_SHARE = 0.9  # a no-op drain with the Prometheus metrics: within 10% of one without
+PIPELINE_SHARE = 0.7  # a no-op transform (output=, one output per entry) against no output
 # Against the ceiling, the bare-socket rows of the same run (issue #11).
 CEILING_SHARE = 0.70  # no-op drain, per-message handler, default options: msgs/s
 CEILING_CPU = 1.5  # ... and CPU per entry at most this multiple of the ceiling's
@@ -93,6 +94,10 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
     targets.append(
         _ratio(f"middleware: metrics on ≥ {METRICS_SHARE}x metrics off (no-op drain)",
                look, "middleware", None, "metrics", "asyncstreams", METRICS_SHARE)
+    )  # fmt: skip
+    targets.append(
+        _ratio(f"pipeline: no-op transform ≥ {PIPELINE_SHARE}x the plain no-op drain",
+               look, "pipeline", None, "transform", "asyncstreams", PIPELINE_SHARE)
     )  # fmt: skip
     return targets
 

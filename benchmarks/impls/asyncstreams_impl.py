@@ -32,6 +32,20 @@ def batch_handlers() -> str | None:
     return None
 
 
+def pipelines() -> str | None:
+    """None if a consumer may take `output=` (pipelines); otherwise why not."""
+    app = App("redis://127.0.0.1:1/0")  # never connects
+
+    async def probe(task: Task) -> Task:
+        return task
+
+    try:
+        app.consumer("probe", group="probe", output="probe-out")(probe)
+    except (TypeError, ConfigurationError):
+        return "asyncstreams has no pipelines yet (output= is refused)"
+    return None
+
+
 def publish_many() -> str | None:
     """None if `App.publish_many` exists; otherwise why not."""
     if hasattr(App, "publish_many"):
@@ -67,6 +81,29 @@ def _add_middleware(app: App, middleware: str) -> None:
         from asyncstreams.prometheus import instrument
 
         instrument(app)
+
+
+def _transform(shape: str, sink: Sink) -> Callable[..., Awaitable[Any]]:
+    """A no-op transform, for `output=`: the handler returns what it got (one output per
+    entry). A Struct, or a batch of them (returned as the list it got)."""
+    record = sink.record
+
+    if shape == "struct":
+
+        async def pass_task(task: Task) -> Task:
+            record(task.task_id, task.created_at)
+            return task
+
+        return pass_task
+    if shape == "batch":
+
+        async def pass_batch(tasks: list[Task]) -> list[Task]:
+            for one in tasks:
+                record(one.task_id, one.created_at)
+            return tasks
+
+        return pass_batch
+    raise ValueError(f"no transform handler for shape {shape!r}; expected struct or batch")
 
 
 def _handler(shape: str, sink: Sink) -> Callable[..., Awaitable[None]]:
@@ -135,7 +172,11 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
         streams = Partitioned(spec.stream, spec.partitions)
     elif spec.streams:
         streams = list(spec.streams)
-    app.consumer(streams, **options)(_handler(spec.shape, sink))
+    if spec.output:
+        options["output"] = spec.output
+        app.consumer(streams, **options)(_transform(spec.shape, sink))
+    else:
+        app.consumer(streams, **options)(_handler(spec.shape, sink))
     _add_middleware(app, spec.middleware)
     async with app:
         yield
