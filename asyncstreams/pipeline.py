@@ -32,96 +32,145 @@ from itertools import chain
 from typing import Any
 
 import msgspec
+import msgspec.msgpack
 from redis.exceptions import ResponseError
 
 from ._nodes import Nodes
 from ._slots import key_slot
 from ._transport import pack
-from .codec import Invoke, InvokeBatch, encode_fields
+from .codec import Invoke, InvokeBatch, encode_flat
 from .errors import ConfigurationError, DecodeError
 from .message import Entry
 from .outbox import Outbox, Target
 from .partitions import Partitioned
 
 log = logging.getLogger("asyncstreams.consumer")
+_msgpack = msgspec.msgpack.Encoder().encode
 
 # The most fields one output may have: the script passes them to XADD with Lua's unpack(),
 # which takes about 8,000 values.
 MOST_FIELDS = 3_900
 
-# Commits handler calls: KEYS, every stream they name; ARGV: group, consumer, then per call
-# its entries' count, (key index, id) per entry, its outputs' count, (key index, field
-# count, fields...) per output. A call whose entries are all pending on `consumer` has its
-# outputs added and its entries acked; the others are skipped. Returns, per skipped call,
-# its index (from 0) and why: 0, an entry is no longer pending (acked); 1, one is pending on
-# another consumer; 2, an output key holds something other than a stream (the entries stay
-# pending: claimed again after claim_idle_ms, they end in the dead-letter stream). Redis
-# refuses a write for want of memory only at a script's first one, so a full Redis fails the
-# whole script with nothing written (its error is returned with its own code, OOM, which
-# Redis 6.2 prefixes with the script's line: an outage to ride out).
+# Commits handler calls. KEYS: every stream they name. ARGV: group, consumer, `most`, the
+# number of input streams, (stream, lowest id, highest id) per input stream, then the calls
+# as one flat MessagePack array: per call, its entries' count, (stream, id) per entry, its
+# outputs' count, (stream, field count, name, value, ...) per output. One argument is
+# cheaper to send than thousands, and a flat array cheaper to read than nested ones (Redis
+# ships cmsgpack, 6.2 and 7 alike).
+#
+# Which entries are pending on `consumer` is read with one XPENDING per input stream (its
+# range, at most `most` entries: a reply that long may be cut short, so an entry missing
+# from it is looked up on its own, as an entry that is not ours is, to say why). A call
+# whose entries are all ours has its outputs added (XADD); the others are skipped. The
+# entries of the calls committed are acked at the end (one XACK per stream and 1,000 ids).
+# Returns, per skipped call, its index (from 0) and why: 0, an entry is no longer pending
+# (acked); 1, one is pending on another consumer; 2, an output key holds something other
+# than a stream (the entries stay pending: claimed again after claim_idle_ms, they end in
+# the dead-letter stream).
+#
+# Redis refuses a write for want of memory only at a script's first one, so a full Redis
+# fails the whole script with nothing written; its error is returned with its own code
+# (Redis 6.2 prefixes it with the script's line): an outage to ride out. Should a later
+# XADD fail all the same, the calls committed before it are acked before the error is
+# returned, so a commit sent again never adds their outputs twice.
 _COMMIT = """
-local group, consumer = ARGV[1], ARGV[2]
-local kinds = {}
-local skipped = {}
-local at, call = 3, 0
-while at <= #ARGV do
-  local count = tonumber(ARGV[at])
-  local first = at + 1
-  local why = -1
-  for i = 0, count - 1 do
-    local key, id = KEYS[tonumber(ARGV[first + 2 * i])], ARGV[first + 2 * i + 1]
-    local pending = redis.call('XPENDING', key, group, id, id, 1)
-    if #pending == 0 then
-      if why < 0 then why = 0 end
-    elseif pending[1][2] ~= consumer then
-      why = 1
+local group, consumer, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local mine, at = {}, 5
+for r = 1, tonumber(ARGV[4]) do
+  local key = ARGV[at]
+  local ours = {}
+  local reply = redis.call('XPENDING', key, group, ARGV[at + 1], ARGV[at + 2], most, consumer)
+  for _, entry in ipairs(reply) do
+    ours[entry[1]] = true
+  end
+  mine[key] = ours
+  at = at + 3
+end
+local kinds, acks, skipped = {}, {}, {}
+local function ack_all()
+  for key, ids in pairs(acks) do
+    for i = 1, #ids, 1000 do
+      redis.call('XACK', key, group, unpack(ids, i, math.min(i + 999, #ids)))
     end
   end
-  at = first + 2 * count
-  local outputs = tonumber(ARGV[at])
-  at = at + 1
-  local start = at
+end
+local calls = cmsgpack.unpack(ARGV[at])
+local next, index = 1, 0
+while next <= #calls do
+  local count, first = calls[next], next + 1
+  local why = -1
+  for i = first, first + 2 * count - 1, 2 do
+    local key, id = calls[i], calls[i + 1]
+    if not mine[key][id] then
+      local pending = redis.call('XPENDING', key, group, id, id, 1)
+      if #pending == 0 then
+        if why < 0 then why = 0 end
+      elseif pending[1][2] ~= consumer then
+        why = 1
+      end
+    end
+  end
+  next = first + 2 * count
+  local outputs, start = calls[next], next + 1
+  next = start
   for o = 1, outputs do
-    local key = tonumber(ARGV[at])
-    if kinds[key] == nil then kinds[key] = redis.call('TYPE', KEYS[key]).ok end
+    local key = calls[next]
+    if kinds[key] == nil then kinds[key] = redis.call('TYPE', key).ok end
     if why < 0 and kinds[key] ~= 'stream' and kinds[key] ~= 'none' then why = 2 end
-    at = at + 2 + tonumber(ARGV[at + 1])
+    next = next + 2 + calls[next + 1]
   end
   if why < 0 then
-    at = start
+    next = start
     for o = 1, outputs do
-      local key, fields = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
-      local added = redis.pcall('XADD', KEYS[key], '*', unpack(ARGV, at + 2, at + 1 + fields))
+      local key, fields = calls[next], calls[next + 1]
+      local added = redis.pcall('XADD', key, '*', unpack(calls, next + 2, next + 1 + fields))
       if type(added) == 'table' and added.err then
+        ack_all()
         local code = string.match(added.err, '^@user_script: ?%d+: ?%-(.*)$')
         return redis.error_reply(code or added.err)
       end
       kinds[key] = 'stream'
-      at = at + 2 + fields
+      next = next + 2 + fields
     end
-    for i = 0, count - 1 do
-      redis.call('XACK', KEYS[tonumber(ARGV[first + 2 * i])], group, ARGV[first + 2 * i + 1])
+    for i = first, first + 2 * count - 1, 2 do
+      local ids = acks[calls[i]]
+      if ids == nil then
+        ids = {}
+        acks[calls[i]] = ids
+      end
+      ids[#ids + 1] = calls[i + 1]
     end
   else
-    skipped[#skipped + 1] = call
+    skipped[#skipped + 1] = index
     skipped[#skipped + 1] = why
   end
-  call = call + 1
+  index = index + 1
 end
+ack_all()
 return skipped
 """
 
 
+Output = list[bytes | str]
+"""One output as the script takes it: its stream, then name, value, name, value..."""
+
+
 class Commit:
-    """One handler call's entries and outputs, waiting to be committed."""
+    """One handler call's entries and outputs, waiting to be committed; `item`, the call as
+    the commit script reads it (see _COMMIT): a flat list."""
 
-    __slots__ = ("atomic", "entries", "outputs", "published")
+    __slots__ = ("atomic", "entries", "item", "outputs", "published")
 
-    def __init__(
-        self, entries: list[tuple[str, bytes]], outputs: list[tuple[str, list[bytes | str]]]
-    ) -> None:
+    def __init__(self, entries: list[tuple[str, bytes]], outputs: list[Output]) -> None:
         self.entries = entries
         self.outputs = outputs
+        item: list[Any] = [len(entries)]
+        for stream, entry_id in entries:
+            item += (stream, entry_id.decode())
+        item.append(len(outputs))
+        for output in outputs:
+            item += (output[0], len(output) - 1, *_packable(output[1:]))
+        self.item = item
         # On a cluster, False when a key is in another slot than the first entry's.
         self.atomic = True
         # Published before the commit (not atomic): not again when the commit is retried.
@@ -134,7 +183,7 @@ class Pipeline:
     `output`: where returned payloads go (None: a return value is ignored); `output_key`:
     for a `Partitioned` output, a field name of the payload or a callable on it giving the
     key that picks the partition; `inputs`: the consumer's streams, to find the partition
-    number of an input entry.
+    number of an input entry; `most`: the consumer's bound (`concurrency + batch_size`).
     """
 
     def __init__(
@@ -147,13 +196,17 @@ class Pipeline:
         output: Target | None,
         output_key: str | Callable[[Any], Hashable] | None,
         inputs: Sequence[str | Partitioned],
+        most: int,
     ) -> None:
         self._nodes = nodes
         self._group = group
         self._consumer = consumer
         self._handler = handler
+        self._returned = f"the return value of {handler}"
         self._output = output
         self._output_key = output_key
+        # The most entries this consumer holds: its pending entries in a commit's range.
+        self._most = most
         self._staged: dict[tuple[str, bytes], Commit] = {}
         self._outboxes: dict[tuple[str, bytes], Outbox] = {}
         # The partition number of each input stream that is a partition, and their count.
@@ -206,18 +259,17 @@ class Pipeline:
         An output that cannot be published raises, failing the call (nothing is staged)."""
         first = ids[0]
         box = self._outboxes.pop(first, None)
-        outputs: list[tuple[str, list[bytes | str]]] = []
+        outputs: list[Output] = []
         if result is not None and self._output is not None:
             values = result if isinstance(result, list) else [result]
-            where = f"the return value of {self._handler}"
             for value in values:
-                flat = _flat(value, where)
                 key = self._key_of(value) if self._output_key is not None else None
-                outputs.append((self._stream(self._output, key, first), flat))
+                stream = self._stream(self._output, key, first)
+                outputs.append(_output(stream, value, self._returned))
         if box is not None:
             for target, payload, key in box.emitted:
-                flat = _flat(payload, f"Outbox.emit to {_label(target)}")
-                outputs.append((self._stream(target, key, first), flat))
+                where = f"Outbox.emit to {_label(target)}"
+                outputs.append(_output(self._stream(target, key, first), payload, where))
         if not outputs:
             return
         call = Commit(ids, outputs)
@@ -226,7 +278,7 @@ class Pipeline:
             for name in chain((stream for stream, _ in ids), (o[0] for o in outputs)):
                 if key_slot(name) != slot:
                     call.atomic = False
-                    self._warn_once(first[0], name)
+                    self._warn_once(first[0], str(name))
         for entry in ids:
             self._staged[entry] = call
 
@@ -309,16 +361,23 @@ class Pipeline:
             self._committed(group, reply)
 
     def _commit(self, calls: list[Commit]) -> bytes:
-        keys: dict[str, int] = {}
-        args: list[bytes | str | int] = [self._group, self._consumer]
+        """The EVAL of the commit script for `calls` (see _COMMIT)."""
+        inputs: dict[str, list[bytes]] = {}
+        outputs: dict[bytes | str, None] = {}
         for call in calls:
-            args.append(len(call.entries))
             for stream, entry_id in call.entries:
-                args += (keys.setdefault(stream, len(keys) + 1), entry_id)
-            args.append(len(call.outputs))
-            for stream, flat in call.outputs:
-                args += (keys.setdefault(stream, len(keys) + 1), len(flat), *flat)
-        return pack(("EVAL", _COMMIT, len(keys), *keys, *args))
+                inputs.setdefault(stream, []).append(entry_id)
+            for output in call.outputs:
+                outputs[output[0]] = None
+        ranges: list[bytes | str] = []
+        for stream, ids in inputs.items():
+            ranges += (stream, *_bounds(ids))
+        keys = [*inputs, *(key for key in outputs if key not in inputs)]
+        items = _msgpack(list(chain.from_iterable(call.item for call in calls)))
+        return pack(
+            ("EVAL", _COMMIT, len(keys), *keys, self._group, self._consumer, self._most + 1,
+             len(inputs), *ranges, items)
+        )  # fmt: skip
 
     def _committed(self, calls: list[Commit], skipped: list[int]) -> None:
         staged = self._staged
@@ -345,7 +404,7 @@ class Pipeline:
             "(and dead-lettered after max_deliveries)",
             self._handler,
             ", ".join(f"{s}/{i.decode()}" for s, i in call.entries[:3]),
-            sorted({stream for stream, _ in call.outputs}),
+            sorted({str(output[0]) for output in call.outputs}),
         )
 
     async def close(self) -> None:
@@ -355,9 +414,9 @@ class Pipeline:
         """The outputs of calls that cannot commit in one script: XADD them now (once)."""
         todo = [call for call in calls if not call.published]
         commands = [
-            (stream, pack(("XADD", stream, "*", *flat)))
+            (str(output[0]), pack(("XADD", output[0], "*", *output[1:])))
             for call in todo
-            for stream, flat in call.outputs
+            for output in call.outputs
         ]
         if not commands:
             return
@@ -389,22 +448,55 @@ class Staging:
         return result
 
 
-def _flat(payload: object, where: str) -> list[bytes | str]:
-    """`payload` as XADD's flat field list; a clear error naming `where` if it cannot be."""
+def _packable(fields: list[Any]) -> list[Any]:
+    """`fields` for the script's MessagePack: Redis's cmsgpack reads no `bin`, which is how
+    bytes are packed, so a bytes value goes as a MessagePack `str` of the same bytes (a Lua
+    string holds any bytes)."""
+    if bytes not in map(type, fields):
+        return fields
+    return [_str_of(value) if type(value) is bytes else value for value in fields]
+
+
+def _str_of(value: bytes) -> msgspec.Raw:
+    size = len(value)
+    if size < 32:
+        head = bytes((0xA0 | size,))
+    elif size < 1 << 8:
+        head = b"\xd9" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        head = b"\xda" + size.to_bytes(2, "big")
+    else:
+        head = b"\xdb" + size.to_bytes(4, "big")
+    return msgspec.Raw(head + value)
+
+
+def _bounds(ids: list[bytes]) -> tuple[bytes, bytes]:
+    """The lowest and the highest of entry ids, in C loops (an id is `ms-seq`)."""
+    parts = b"-".join(ids).split(b"-")
+    pairs = list(zip(map(int, parts[::2]), map(int, parts[1::2]), strict=True))
+    (low_ms, low_seq), (high_ms, high_seq) = min(pairs), max(pairs)
+    return b"%d-%d" % (low_ms, low_seq), b"%d-%d" % (high_ms, high_seq)
+
+
+def _output(stream: str, payload: object, where: str) -> Output:
+    """`payload` as an output to `stream`; a clear error naming `where` it comes from if it
+    cannot be."""
     if not isinstance(payload, (msgspec.Struct, Mapping)):
         raise ConfigurationError(
             f"{where}: expected a msgspec.Struct, a dict, a list of them or None, found "
             f"{type(payload).__name__}"
         )
     try:
-        fields = encode_fields(payload)
+        flat = encode_flat(payload)
     except ConfigurationError as exc:
         raise ConfigurationError(f"{where}: {str(exc).removeprefix('publish: ')}") from None
-    if len(fields) > MOST_FIELDS:
+    if len(flat) > 2 * MOST_FIELDS:
         raise ConfigurationError(
-            f"{where}: expected at most {MOST_FIELDS:,} fields in an output, found {len(fields):,}"
+            f"{where}: expected at most {MOST_FIELDS:,} fields in an output, found "
+            f"{len(flat) // 2:,}"
         )
-    return list(chain.from_iterable(fields.items()))
+    flat.insert(0, stream)
+    return flat
 
 
 def _field(value: object, name: str) -> object:
