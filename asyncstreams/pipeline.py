@@ -54,9 +54,9 @@ MOST_FIELDS = 3_900
 # Commits handler calls. KEYS: every stream they name. ARGV: group, consumer, `most`, the
 # number of input streams, (stream, lowest id, highest id) per input stream, then the calls
 # as one flat MessagePack array: per call, its entries' count, (stream, id) per entry, its
-# outputs' count, (stream, field count, name, value, ...) per output. One argument is
-# cheaper to send than thousands, and a flat array cheaper to read than nested ones (Redis
-# ships cmsgpack, 6.2 and 7 alike).
+# outputs' count, (stream, count of names and values, name, value, ...) per output. One
+# argument is cheaper to send than thousands, and a flat array cheaper to read than nested
+# ones (Redis ships cmsgpack, 6.2 and 7 alike).
 #
 # Which entries are pending on `consumer` is read with one XPENDING per input stream (its
 # range, at most `most` entries: a reply that long may be cut short, so an entry missing
@@ -151,8 +151,9 @@ return skipped
 """
 
 
-Output = list[bytes | str]
-"""One output as the script takes it: its stream, then name, value, name, value..."""
+Output = list[Any]
+"""One output as the script takes it: its stream, how many names and values follow, then
+name, value, name, value..."""
 
 
 class Commit:
@@ -164,12 +165,15 @@ class Commit:
     def __init__(self, entries: list[tuple[str, bytes]], outputs: list[Output]) -> None:
         self.entries = entries
         self.outputs = outputs
-        item: list[Any] = [len(entries)]
-        for stream, entry_id in entries:
-            item += (stream, entry_id.decode())
-        item.append(len(outputs))
+        if len(entries) == 1:
+            item: list[Any] = [1, entries[0][0], entries[0][1].decode(), len(outputs)]
+        else:
+            item = [len(entries)]
+            for stream, entry_id in entries:
+                item += (stream, entry_id.decode())
+            item.append(len(outputs))
         for output in outputs:
-            item += (output[0], len(output) - 1, *_packable(output[1:]))
+            item += _packable(output)
         self.item = item
         # On a cluster, False when a key is in another slot than the first entry's.
         self.atomic = True
@@ -278,7 +282,7 @@ class Pipeline:
             for name in chain((stream for stream, _ in ids), (o[0] for o in outputs)):
                 if key_slot(name) != slot:
                     call.atomic = False
-                    self._warn_once(first[0], str(name))
+                    self._warn_once(first[0], name)
         for entry in ids:
             self._staged[entry] = call
 
@@ -332,69 +336,85 @@ class Pipeline:
         script per hash slot (one for everything, on one server). Raises what Redis
         refused; sent again, it adds nothing twice."""
         staged = self._staged
-        calls: list[Commit] = []
-        seen: set[int] = set()
+        # Per call: its Commit, or (stream, id) for an entry that has no outputs.
+        calls: list[Commit | tuple[str, bytes]] = []
+        across: list[Commit] = []
+        seen: set[int] = set()  # calls of several entries (a batch handler's) met already
         for stream, ids in ids_by_stream.items():
             for entry_id in ids:
                 call = staged.get((stream, entry_id))
                 if call is None:
-                    calls.append(Commit([(stream, entry_id)], []))
-                elif id(call) not in seen:
+                    calls.append((stream, entry_id))
+                    continue
+                if len(call.entries) > 1:
+                    if id(call) in seen:
+                        continue
                     seen.add(id(call))
-                    calls.append(call)
-        across = [call for call in calls if not call.atomic]
+                (calls if call.atomic else across).append(call)
         if across:
             # Published first; then each entry is acked on its own (they may be in several
             # slots), still only while pending on this consumer.
             await self._publish_first(across)
-            calls = [call for call in calls if call.atomic]
-            calls += [Commit([entry], []) for call in across for entry in call.entries]
-        by_slot: dict[int, list[Commit]] = {}
-        for call in calls:
-            slot = key_slot(call.entries[0][0]) if self._nodes.cluster else 0
-            by_slot.setdefault(slot, []).append(call)
-        commands = [(group[0].entries[0][0], self._commit(group)) for group in by_slot.values()]
+            calls += [entry for call in across for entry in call.entries]
+        if self._nodes.cluster:
+            by_slot: dict[int, list[Commit | tuple[str, bytes]]] = {}
+            for one in calls:
+                by_slot.setdefault(key_slot(_stream_of(one)), []).append(one)
+            groups = list(by_slot.values())
+        else:
+            groups = [calls]
+        commands = [(_stream_of(group[0]), self._commit(group)) for group in groups]
         replies = await self._nodes.send(commands)
-        for group, reply in zip(by_slot.values(), replies, strict=True):
+        for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, ResponseError):
                 raise reply
             self._committed(group, reply)
 
-    def _commit(self, calls: list[Commit]) -> bytes:
+    def _commit(self, calls: list[Commit | tuple[str, bytes]]) -> bytes:
         """The EVAL of the commit script for `calls` (see _COMMIT)."""
         inputs: dict[str, list[bytes]] = {}
-        outputs: dict[bytes | str, None] = {}
+        outputs: dict[str, None] = {}
+        items: list[Any] = []
         for call in calls:
+            if isinstance(call, tuple):
+                stream, entry_id = call
+                inputs.setdefault(stream, []).append(entry_id)
+                items += (1, stream, entry_id.decode(), 0)
+                continue
             for stream, entry_id in call.entries:
                 inputs.setdefault(stream, []).append(entry_id)
             for output in call.outputs:
                 outputs[output[0]] = None
+            items += call.item
         ranges: list[bytes | str] = []
         for stream, ids in inputs.items():
             ranges += (stream, *_bounds(ids))
         keys = [*inputs, *(key for key in outputs if key not in inputs)]
-        items = _msgpack(list(chain.from_iterable(call.item for call in calls)))
         return pack(
             ("EVAL", _COMMIT, len(keys), *keys, self._group, self._consumer, self._most + 1,
-             len(inputs), *ranges, items)
+             len(inputs), *ranges, _msgpack(items))
         )  # fmt: skip
 
-    def _committed(self, calls: list[Commit], skipped: list[int]) -> None:
+    def _committed(self, calls: list[Commit | tuple[str, bytes]], skipped: list[int]) -> None:
         staged = self._staged
         for call in calls:
-            for entry in call.entries:
-                staged.pop(entry, None)
+            if not isinstance(call, tuple):
+                for entry in call.entries:
+                    staged.pop(entry, None)
         for index, why in zip(skipped[::2], skipped[1::2], strict=True):
+            call = calls[index]
+            if isinstance(call, tuple):
+                continue  # no outputs: nothing to say
             if why == 2:
-                self._refused(calls[index])
-            elif why == 1 and calls[index].outputs:
+                self._refused(call)
+            elif why == 1:
                 self.fenced += 1
                 log.warning(
                     "%s: entries %s were claimed by another consumer before their outputs "
                     "were committed: the outputs are dropped (the other consumer's run "
                     "commits its own)",
                     self._handler,
-                    ", ".join(f"{s}/{i.decode()}" for s, i in calls[index].entries[:3]),
+                    ", ".join(f"{s}/{i.decode()}" for s, i in call.entries[:3]),
                 )
 
     def _refused(self, call: Commit) -> None:
@@ -404,7 +424,7 @@ class Pipeline:
             "(and dead-lettered after max_deliveries)",
             self._handler,
             ", ".join(f"{s}/{i.decode()}" for s, i in call.entries[:3]),
-            sorted({str(output[0]) for output in call.outputs}),
+            sorted({output[0] for output in call.outputs}),
         )
 
     async def close(self) -> None:
@@ -414,7 +434,7 @@ class Pipeline:
         """The outputs of calls that cannot commit in one script: XADD them now (once)."""
         todo = [call for call in calls if not call.published]
         commands = [
-            (str(output[0]), pack(("XADD", output[0], "*", *output[1:])))
+            (output[0], pack(("XADD", output[0], "*", *output[2:])))
             for call in todo
             for output in call.outputs
         ]
@@ -448,13 +468,17 @@ class Staging:
         return result
 
 
-def _packable(fields: list[Any]) -> list[Any]:
-    """`fields` for the script's MessagePack: Redis's cmsgpack reads no `bin`, which is how
+def _packable(output: Output) -> Output:
+    """`output` for the script's MessagePack: Redis's cmsgpack reads no `bin`, which is how
     bytes are packed, so a bytes value goes as a MessagePack `str` of the same bytes (a Lua
     string holds any bytes)."""
-    if bytes not in map(type, fields):
-        return fields
-    return [_str_of(value) if type(value) is bytes else value for value in fields]
+    if bytes not in map(type, output):
+        return output
+    return [_str_of(value) if type(value) is bytes else value for value in output]
+
+
+def _stream_of(call: Commit | tuple[str, bytes]) -> str:
+    return call[0] if isinstance(call, tuple) else call.entries[0][0]
 
 
 def _str_of(value: bytes) -> msgspec.Raw:
@@ -495,8 +519,7 @@ def _output(stream: str, payload: object, where: str) -> Output:
             f"{where}: expected at most {MOST_FIELDS:,} fields in an output, found "
             f"{len(flat) // 2:,}"
         )
-    flat.insert(0, stream)
-    return flat
+    return [stream, len(flat), *flat]
 
 
 def _field(value: object, name: str) -> object:
