@@ -122,6 +122,7 @@ class Consumer:
                 output=options.output,
                 output_key=options.output_key,
                 inputs=options.streams,  # type: ignore[arg-type]  # a tuple since __post_init__
+                most=options.limit,
             )
             if options.output is not None or plan.outbox
             else None
