@@ -328,14 +328,38 @@ async def autoclaim(
     return _bytes(reply[0]), entries, deleted
 
 
-async def renew(
-    nodes: Nodes, stream: str, group: str, consumer: str, ids: Sequence[bytes]
-) -> set[bytes]:
-    """Reset the idle time of `ids` without counting a delivery (XCLAIM ... JUSTID).
+# Resets the idle time of the entries still pending on this consumer (XCLAIM ... JUSTID,
+# which counts no delivery), and only those: an entry another consumer claimed meanwhile (this
+# one was paused past claim_idle_ms, say) stays that consumer's, where a bare XCLAIM would
+# take it back. KEYS[1]: the stream; ARGV: group, consumer, ids. Returns the ids renewed.
+_RENEW = """
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+if #mine == 0 then
+  return {}
+end
+mine[#mine + 1] = 'JUSTID'
+return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+"""
 
-    Returns those still pending (the others were acked meanwhile).
-    """
-    reply = await nodes.raw(stream, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
+
+async def renew(
+    nodes: Nodes, stream: str, group: str, consumer: str, ids: Sequence[bytes], *, checked: bool
+) -> set[bytes]:
+    """Reset the idle time of those of `ids` still pending on `consumer`, without counting a
+    delivery. Returns them (the others were acked, or claimed by another consumer).
+
+    Not `checked` (an ACL without `eval`): a bare XCLAIM, which also takes back what another
+    consumer claimed."""
+    if checked:
+        reply = await nodes.raw(stream, "EVAL", _RENEW, 1, stream, group, consumer, *ids)
+    else:
+        reply = await nodes.raw(stream, "XCLAIM", stream, group, consumer, 0, *ids, "JUSTID")
     return {_bytes(entry_id) for entry_id in reply}
 
 

@@ -403,7 +403,8 @@ class Ledger:
         self._release(stream, [entry_id])
 
     def unpark(self, stream: str, gone: Iterable[bytes]) -> None:
-        """Parked entries no longer pending (acked by hand, say): done with."""
+        """Parked entries no longer pending on this consumer (acked by hand, or claimed by
+        another): done with."""
         parked = self._parked[stream]
         released = [entry_id for entry_id in gone if parked.pop(entry_id, None) is not None]
         self._release(stream, released)

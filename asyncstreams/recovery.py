@@ -94,6 +94,8 @@ class Recovery:
         self._retry_interval = min(max(options.retry_delay / 4, 0.01), 0.5)
         self._claim_interval = max(options.claim_idle_ms / 2000, 0.05)
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
+        # Renewal checks whose each entry is first (a script); False once EVAL was refused.
+        self._renew_checked = True
         after = options.delete_idle_consumers_after
         self._cleanup_interval = None if after is None else min(max(after / 2, 1.0), 300.0)
         self._trim_interval = options.trim_acked_every
@@ -363,16 +365,35 @@ class Recovery:
     # -- renewal and cleanup -------------------------------------------------------------
 
     async def _renew(self) -> bool:
-        """Reset the idle time of every entry this consumer holds (no delivery counted)."""
+        """Reset the idle time of every entry this consumer holds that is still pending on
+        it (no delivery counted); one another consumer claimed meanwhile stays that one's."""
         for stream in self._options.names:
             held = sorted(self._ledger.ids(stream))
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]
-                renewed = await _commands.renew(self._nodes, stream, self._group, self._name, chunk)
+                renewed = await self._renew_chunk(stream, chunk)
                 self.renewed += len(renewed)
                 self._ledger.unpark(stream, [i for i in chunk if i not in renewed])
             log.debug("%s: renewed %d held entries of %s", self._where, len(held), stream)
         return False
+
+    async def _renew_chunk(self, stream: str, ids: list[bytes]) -> set[bytes]:
+        try:
+            return await _commands.renew(
+                self._nodes, stream, self._group, self._name, ids, checked=self._renew_checked
+            )
+        except REFUSALS as exc:
+            if not self._renew_checked:
+                raise
+            self._renew_checked = False
+            log.warning(
+                "%s: renewing held entries with a script was refused (%s); renewing with a "
+                "bare XCLAIM from now on, which also takes back entries another consumer "
+                "claimed while this one was paused; expected +eval in the ACL",
+                self._where,
+                exc,
+            )
+            return await self._renew_chunk(stream, ids)
 
     async def _trim_acked(self) -> bool:
         """Remove the entries of each stream that every group has read and acked, where this

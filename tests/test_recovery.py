@@ -187,3 +187,37 @@ async def test_a_stop_waits_for_a_cancelled_handler_to_clean_up(
     [row] = await client.xpending_range(names.stream, names.group, "-", "+", 10)
     assert (row["message_id"], row["consumer"], row["times_delivered"]) == (entry_id, "me", 1)
     assert row["time_since_delivered"] >= 60_000, "given back: claimable by another at once"
+
+
+async def test_renewal_never_takes_back_an_entry_another_consumer_claimed(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """A consumer keeps renewing what it holds; an entry a peer claimed meanwhile (this one
+    was paused past claim_idle_ms) stays the peer's: renewal checks whose it is first."""
+    await fill(client, names.stream, 2)
+    app = App(redis_url, grace_period=0.1)
+    release = anyio.Event()
+    running: list[str] = []
+
+    @app.consumer(names.stream, group=names.group, consumer="slow", claim_idle_ms=300)
+    async def hold(msg: Message) -> None:
+        running.append(msg.id)
+        await release.wait()
+
+    async with app:
+        await eventually(lambda: _true(len(running) == 2), what="both entries running")
+        peer_took = running[0]
+        await client.xclaim(names.stream, names.group, "peer", 0, [peer_took], justid=True)
+        renewed = app.consumers[0].figures().renewed
+        # Two more renewals (every claim_idle_ms / 3): the other entry is renewed, this not.
+        await eventually(
+            lambda: _true(app.consumers[0].figures().renewed >= renewed + 2), what="renewals"
+        )
+        owners = {
+            entry_id: consumer
+            for entry_id, (consumer, _) in (
+                await pending_entries(client, names.stream, names.group)
+            ).items()
+        }
+        assert owners == {peer_took: "peer", running[1]: "slow"}
+        release.set()
