@@ -413,9 +413,9 @@ def test_a_worker_resumed_while_the_peer_runs_its_claimed_entries_adds_one_outpu
     """Handler runs of 2 s: the peer claims the paused worker's entries after 1 s idle
     and is still running them when the worker resumes (2.2 s after the stop) and finishes
     its own runs of them at once. Two runs of an entry, both staged, neither committed:
-    one output each all the same. (Which run's output lands is left open: the resumed
-    worker's lease renewal, XCLAIM with min idle 0, may take the entries back from the
-    peer before either commits.)"""
+    one output each all the same, the peer's. (The resumed worker's lease renewal renews
+    only what is still pending on it: it does not take the entries back.) Its own commit
+    finds them pending on the peer, drops its outputs and says so."""
     faults.start_server()
     pause = pause_run(
         faults,
@@ -430,6 +430,9 @@ def test_a_worker_resumed_while_the_peer_runs_its_claimed_entries_adds_one_outpu
     )
     assert_one_output_each(pause.outputs, pause.produced)
     assert_nothing_pending(faults, [faults.stream], faults.group)
+    claimed = [o for o in pause.outputs if o["src"] in pause.both]
+    assert {o["pid"] for o in claimed} == {str(pause.peer.pid)}
+    assert "before their outputs were committed" in pause.victim.output()
 
 
 # -- 3. two stages, a -> b -> c, a worker SIGKILLed mid-run -------------------------------
