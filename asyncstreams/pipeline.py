@@ -173,7 +173,7 @@ class Commit:
                 item += (stream, entry_id.decode())
             item.append(len(outputs))
         for output in outputs:
-            item += _packable(output)
+            item += output
         self.item = item
         # On a cluster, False when a key is in another slot than the first entry's.
         self.atomic = True
@@ -209,6 +209,8 @@ class Pipeline:
         self._returned = f"the return value of {handler}"
         self._output = output
         self._output_key = output_key
+        # The output stream when it is one name for every entry (no `{stream}`).
+        self._fixed = output if isinstance(output, str) and "{stream}" not in output else None
         # The most entries this consumer holds: its pending entries in a commit's range.
         self._most = most
         self._staged: dict[tuple[str, bytes], Commit] = {}
@@ -262,13 +264,18 @@ class Pipeline:
         """The call of the entries `ids` returned `result`: its outputs wait for the commit.
         An output that cannot be published raises, failing the call (nothing is staged)."""
         first = ids[0]
-        box = self._outboxes.pop(first, None)
+        box = self._outboxes.pop(first, None) if self._outboxes else None
+        if result is None and box is None:
+            return
         outputs: list[Output] = []
         if result is not None and self._output is not None:
-            values = result if isinstance(result, list) else [result]
+            values = result if isinstance(result, list) else (result,)
             for value in values:
-                key = self._key_of(value) if self._output_key is not None else None
-                stream = self._stream(self._output, key, first)
+                if self._fixed is not None:
+                    stream = self._fixed
+                else:
+                    key = self._key_of(value) if self._output_key is not None else None
+                    stream = self._stream(self._output, key, first)
                 outputs.append(_output(stream, value, self._returned))
         if box is not None:
             for target, payload, key in box.emitted:
@@ -283,8 +290,9 @@ class Pipeline:
                 if key_slot(name) != slot:
                     call.atomic = False
                     self._warn_once(first[0], name)
+        staged = self._staged
         for entry in ids:
-            self._staged[entry] = call
+            staged[entry] = call
 
     def dropped(self, ids: list[tuple[str, bytes]]) -> None:
         """The call of the entries `ids` raised: what it emitted goes."""
@@ -390,6 +398,8 @@ class Pipeline:
         for stream, ids in inputs.items():
             ranges += (stream, *_bounds(ids))
         keys = [*inputs, *(key for key in outputs if key not in inputs)]
+        if bytes in map(type, items):
+            items = _packable(items)
         return pack(
             ("EVAL", _COMMIT, len(keys), *keys, self._group, self._consumer, self._most + 1,
              len(inputs), *ranges, _msgpack(items))
@@ -468,13 +478,11 @@ class Staging:
         return result
 
 
-def _packable(output: Output) -> Output:
-    """`output` for the script's MessagePack: Redis's cmsgpack reads no `bin`, which is how
+def _packable(items: list[Any]) -> list[Any]:
+    """`items` for the script's MessagePack: Redis's cmsgpack reads no `bin`, which is how
     bytes are packed, so a bytes value goes as a MessagePack `str` of the same bytes (a Lua
     string holds any bytes)."""
-    if bytes not in map(type, output):
-        return output
-    return [_str_of(value) if type(value) is bytes else value for value in output]
+    return [_str_of(value) if type(value) is bytes else value for value in items]
 
 
 def _stream_of(call: Commit | tuple[str, bytes]) -> str:
