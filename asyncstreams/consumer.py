@@ -151,6 +151,7 @@ class Consumer:
             chain=chain,
             call=make_call if chain is not None else None,
             record=chain.recorder(plan.name, options.group) if chain is not None else None,
+            discard=self.pipeline.discard if self.pipeline is not None else None,
         )
         if isinstance(self.ledger, KeyedLedger):
             self.ledger.ready = self.workers.wake

@@ -25,6 +25,8 @@ slots the first time.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping, Sequence
@@ -37,7 +39,7 @@ from redis.exceptions import ResponseError
 
 from ._nodes import Nodes
 from ._slots import key_slot
-from ._transport import pack
+from ._transport import is_transient, pack
 from .codec import Invoke, InvokeBatch, encode_flat
 from .errors import ConfigurationError, DecodeError
 from .message import Entry
@@ -68,11 +70,13 @@ MOST_FIELDS = 3_900
 # than a stream (the entries stay pending: claimed again after claim_idle_ms, they end in
 # the dead-letter stream).
 #
-# Redis refuses a write for want of memory only at a script's first one, so a full Redis
-# fails the whole script with nothing written; its error is returned with its own code
-# (Redis 6.2 prefixes it with the script's line): an outage to ride out. Should a later
-# XADD fail all the same, the calls committed before it are acked before the error is
-# returned, so a commit sent again never adds their outputs twice.
+# Every key's type is read first, so no XADD meets a key of another type. Redis refuses a
+# write for want of memory only at a script's first one, so a full Redis fails the whole
+# script with nothing written; its error is returned with its own code (Redis 6.2 prefixes
+# it with the script's line): an outage to ride out. Should a later XADD fail all the same
+# (a stream at its last possible id), the outputs the call added are deleted again (XDEL)
+# and the calls committed before it acked, then the error is returned: a commit sent again
+# adds no output twice.
 _COMMIT = """
 local group, consumer, most = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local mine, at = {}, 5
@@ -87,6 +91,9 @@ for r = 1, tonumber(ARGV[4]) do
   at = at + 3
 end
 local kinds, acks, skipped = {}, {}, {}
+for _, key in ipairs(KEYS) do
+  kinds[key] = redis.call('TYPE', key).ok
+end
 local function ack_all()
   for key, ids in pairs(acks) do
     for i = 1, #ids, 1000 do
@@ -114,22 +121,26 @@ while next <= #calls do
   local outputs, start = calls[next], next + 1
   next = start
   for o = 1, outputs do
-    local key = calls[next]
-    if kinds[key] == nil then kinds[key] = redis.call('TYPE', key).ok end
-    if why < 0 and kinds[key] ~= 'stream' and kinds[key] ~= 'none' then why = 2 end
+    local kind = kinds[calls[next]]
+    if why < 0 and kind ~= 'stream' and kind ~= 'none' then why = 2 end
     next = next + 2 + calls[next + 1]
   end
   if why < 0 then
     next = start
+    local added = {}
     for o = 1, outputs do
       local key, fields = calls[next], calls[next + 1]
-      local added = redis.pcall('XADD', key, '*', unpack(calls, next + 2, next + 1 + fields))
-      if type(added) == 'table' and added.err then
+      local id = redis.pcall('XADD', key, '*', unpack(calls, next + 2, next + 1 + fields))
+      if type(id) == 'table' and id.err then
+        for i = 1, #added, 2 do
+          redis.call('XDEL', added[i], added[i + 1])
+        end
         ack_all()
-        local code = string.match(added.err, '^@user_script: ?%d+: ?%-(.*)$')
-        return redis.error_reply(code or added.err)
+        local code = string.match(id.err, '^@user_script: ?%d+: ?%-(.*)$')
+        return redis.error_reply(code or id.err)
       end
-      kinds[key] = 'stream'
+      added[#added + 1] = key
+      added[#added + 1] = id
       next = next + 2 + fields
     end
     for i = first, first + 2 * count - 1, 2 do
@@ -177,8 +188,9 @@ class Commit:
         self.item = item
         # On a cluster, False when a key is in another slot than the first entry's.
         self.atomic = True
-        # Published before the commit (not atomic): not again when the commit is retried.
-        self.published = False
+        # The outputs published before the commit (not atomic), by index: not again when
+        # the commit is retried.
+        self.published: set[int] = set()
 
 
 class Pipeline:
@@ -223,6 +235,8 @@ class Pipeline:
             for index, name in enumerate(item.streams)
         }
         self._warned: set[tuple[str, str]] = set()
+        # The flushes of a cluster's masters publish non-atomic calls one at a time.
+        self._publishing = asyncio.Lock()
         # Calls whose entries were taken by another consumer before they committed.
         self.fenced = 0
 
@@ -265,6 +279,10 @@ class Pipeline:
         An output that cannot be published raises, failing the call (nothing is staged)."""
         first = ids[0]
         box = self._outboxes.pop(first, None) if self._outboxes else None
+        staged = self._staged
+        if staged:
+            for entry in ids:  # what an earlier run of these entries staged, if it failed later
+                staged.pop(entry, None)
         if result is None and box is None:
             return
         outputs: list[Output] = []
@@ -290,13 +308,19 @@ class Pipeline:
                 if key_slot(name) != slot:
                     call.atomic = False
                     self._warn_once(first[0], name)
-        staged = self._staged
         for entry in ids:
             staged[entry] = call
 
     def dropped(self, ids: list[tuple[str, bytes]]) -> None:
-        """The call of the entries `ids` raised: what it emitted goes."""
+        """The call of the entries `ids` failed (its handler raised, or a middleware after
+        it, or it was cancelled): what it emitted or returned goes."""
         self._outboxes.pop(ids[0], None)
+        for entry in ids:
+            self._staged.pop(entry, None)
+
+    def discard(self, entries: Sequence[Entry]) -> None:
+        """`dropped`, for the workers: entries whose call failed after the handler returned."""
+        self.dropped([(entry[0], entry[1]) for entry in entries])
 
     def _key_of(self, value: object) -> str | bytes:
         key = self._output_key
@@ -361,9 +385,11 @@ class Pipeline:
                 (calls if call.atomic else across).append(call)
         if across:
             # Published first; then each entry is acked on its own (they may be in several
-            # slots), still only while pending on this consumer.
-            await self._publish_first(across)
-            calls += [entry for call in across for entry in call.entries]
+            # slots), still only while pending on this consumer. A call whose outputs Redis
+            # refused is not acked: its entries stay pending (claimed again, then
+            # dead-lettered).
+            published = await self._publish_first(across)
+            calls += [entry for call in published for entry in call.entries]
         if self._nodes.cluster:
             by_slot: dict[int, list[Commit | tuple[str, bytes]]] = {}
             for one in calls:
@@ -371,12 +397,40 @@ class Pipeline:
             groups = list(by_slot.values())
         else:
             groups = [calls]
+        groups = [kept for group in groups if (kept := self._encodable(group))]
         commands = [(_stream_of(group[0]), self._commit(group)) for group in groups]
-        replies = await self._nodes.send(commands)
+        replies = await self._nodes.send(commands) if commands else []
         for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, ResponseError):
                 raise reply
             self._committed(group, reply)
+        for call in across:
+            self.dropped(call.entries)
+
+    def _encodable(
+        self, calls: list[Commit | tuple[str, bytes]]
+    ) -> list[Commit | tuple[str, bytes]]:
+        """`calls` but those whose outputs MessagePack cannot carry (a str with a lone
+        surrogate, say: text that is not Unicode): they are left pending, as the calls whose
+        outputs Redis refuses (see `_refused`). Checked call by call only when the whole
+        commit does not encode."""
+        try:
+            _msgpack([call.item for call in calls if not isinstance(call, tuple)])
+        except (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError):
+            pass
+        else:
+            return calls
+        kept: list[Commit | tuple[str, bytes]] = []
+        for call in calls:
+            if not isinstance(call, tuple):
+                try:
+                    _msgpack(call.item)
+                except (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError) as exc:
+                    self._refused(call, f"cannot be encoded ({exc})")
+                    self.dropped(call.entries)
+                    continue
+            kept.append(call)
+        return kept
 
     def _commit(self, calls: list[Commit | tuple[str, bytes]]) -> bytes:
         """The EVAL of the commit script for `calls` (see _COMMIT)."""
@@ -427,48 +481,64 @@ class Pipeline:
                     ", ".join(f"{s}/{i.decode()}" for s, i in call.entries[:3]),
                 )
 
-    def _refused(self, call: Commit) -> None:
+    def _refused(
+        self,
+        call: Commit,
+        why: str = "cannot be added: a stream among them is a key of another type",
+    ) -> None:
         log.error(
-            "%s: the outputs of entries %s cannot be added: a stream among %s is a key of "
-            "another type; the entries stay pending, to be claimed again after claim_idle_ms "
-            "(and dead-lettered after max_deliveries)",
+            "%s: the outputs of entries %s (to %s) %s; the entries stay pending, to be claimed "
+            "again after claim_idle_ms (and dead-lettered after max_deliveries)",
             self._handler,
             ", ".join(f"{s}/{i.decode()}" for s, i in call.entries[:3]),
             sorted({output[0] for output in call.outputs}),
+            why,
         )
 
     async def close(self) -> None:
         """Nothing to close: commits go through the pools (the Acker's interface)."""
 
-    async def _publish_first(self, calls: list[Commit]) -> None:
-        """The outputs of calls that cannot commit in one script: XADD them now (once)."""
-        todo = [call for call in calls if not call.published]
-        commands = [
-            (output[0], pack(("XADD", output[0], "*", *output[2:])))
-            for call in todo
-            for output in call.outputs
-        ]
-        if not commands:
-            return
-        for reply in await self._nodes.send(commands):
-            if isinstance(reply, ResponseError):
-                raise reply
-        for call in todo:
-            call.published = True
+    async def _publish_first(self, calls: list[Commit]) -> list[Commit]:
+        """XADD now the outputs of calls that cannot commit in one script, each output once
+        (the flushes of several masters may hold entries of one call: they take turns).
+        Returns the calls whose outputs are all in; those with an output Redis refused are
+        logged and left out (a transient refusal, a full Redis, is raised: ridden out)."""
+        async with self._publishing:
+            todo = [(call, index) for call in calls for index in range(len(call.outputs))
+                    if index not in call.published]  # fmt: skip
+            commands = [
+                (call.outputs[index][0], pack(("XADD", call.outputs[index][0], "*",
+                                               *call.outputs[index][2:])))
+                for call, index in todo
+            ]  # fmt: skip
+            replies = await self._nodes.send(commands) if commands else []
+            refused: set[int] = set()
+            for (call, index), reply in zip(todo, replies, strict=True):
+                if not isinstance(reply, ResponseError):
+                    call.published.add(index)
+                elif is_transient(reply):
+                    raise reply
+                elif id(call) not in refused:
+                    refused.add(id(call))
+                    self._refused(call, f"were refused ({reply})")
+                    self.dropped(call.entries)
+            return [call for call in calls if id(call) not in refused]
 
 
 class Staging:
     """A handler's awaitable that stages its call's outputs when it returns. (`inner`: the
     handler's own, for the workers to close if a middleware never awaited this.)"""
 
-    __slots__ = ("_ids", "_pipeline", "inner")
+    __slots__ = ("_ids", "_pipeline", "_started", "inner")
 
     def __init__(self, inner: Awaitable[Any], pipeline: Pipeline, ids: list[tuple[str, bytes]]):
         self.inner = inner
         self._pipeline = pipeline
         self._ids = ids
+        self._started = False
 
     def __await__(self) -> Generator[Any, None, Any]:
+        self._started = True
         try:
             result = yield from self.inner.__await__()
         except BaseException:
@@ -476,6 +546,16 @@ class Staging:
             raise
         self._pipeline.stage(self._ids, result)
         return result
+
+    def close_unstarted(self) -> None:
+        """If a middleware never awaited this: close the handler's coroutine, drop its
+        Outbox. (Called whether or not it was awaited.)"""
+        if self._started:
+            return
+        inner = self.inner
+        if inspect.iscoroutine(inner) and inspect.getcoroutinestate(inner) == "CORO_CREATED":
+            inner.close()
+        self._pipeline.dropped(self._ids)
 
 
 def _packable(items: list[Any]) -> list[Any]:

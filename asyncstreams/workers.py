@@ -65,6 +65,7 @@ class Workers:
         chain: Chain | None = None,
         call: Callable[[Sequence[Entry]], Call] | None = None,
         record: Callable[[Entry, float], None] | None = None,
+        discard: Callable[[Sequence[Entry]], None] | None = None,
     ) -> None:
         self._ledger = ledger
         self._failures = failures
@@ -80,6 +81,8 @@ class Workers:
         self._call = call
         # The chain's cheaper way to tell of an acked entry, if it has one (Chain.recorder).
         self._record = record
+        # A pipeline's: forget what the call of these entries staged (it failed after all).
+        self._discard = discard
         self.counts = Counts()
         self._idle: list[asyncio.Future[None]] = []
         self._top_up_scheduled = False
@@ -337,6 +340,8 @@ class Workers:
         hears the outcome. The consumer's own cancellation is raised again."""
         chain = self._chain
         assert chain is not None
+        if self._discard is not None:  # a middleware raised after the handler returned
+            self._discard((entry,))
         if self._ours(exc):
             self.counts.cancelled += 1
             self._ledger.cancelled([entry])
@@ -402,6 +407,8 @@ class Workers:
                 else:
                     await run
             except BaseException as exc:
+                if self._discard is not None:
+                    self._discard(passed)
                 if call is not None:
                     call.duration = time.perf_counter() - began
                 if self._ours(exc):
@@ -446,6 +453,9 @@ class Workers:
 def _close_unstarted(awaitable: object) -> None:
     """Close the handler's coroutine if nothing awaited it (no "never awaited" warning)."""
     # A pipeline's call wraps the handler's coroutine (asyncstreams.pipeline.Staging).
-    awaitable = getattr(awaitable, "inner", awaitable)
+    close_unstarted = getattr(awaitable, "close_unstarted", None)
+    if close_unstarted is not None:
+        close_unstarted()
+        return
     if inspect.iscoroutine(awaitable) and inspect.getcoroutinestate(awaitable) == "CORO_CREATED":
         awaitable.close()

@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from msgspec import msgpack
 
-from asyncstreams import App, ConfigurationError, Message, Outbox, Partitioned
+from asyncstreams import App, Call, ConfigurationError, Message, Middleware, Outbox, Partitioned
+from asyncstreams.middleware import Proceed
 from asyncstreams.pipeline import _COMMIT
 
 from .conftest import Names
@@ -335,3 +336,73 @@ async def test_binary_outputs_arrive_byte_for_byte(
     finally:
         await raw.aclose()
     assert fields == {b"blob": blob, b"n": b"0"}
+
+
+class _FailsAfter(Middleware):
+    """Fails the first call of each entry after its handler returned."""
+
+    def __init__(self) -> None:
+        self.failed: set[str] = set()
+
+    async def around(self, call: Call, proceed: Proceed) -> None:
+        await proceed()
+        ids = [entry_id for _, entry_id in call.ids]
+        if not self.failed.issuperset(ids):
+            self.failed.update(ids)
+            raise RuntimeError("failed after the handler returned")
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["per-entry", "batch"])
+async def test_a_call_that_fails_after_its_handler_returned_publishes_nothing(
+    redis_url: str, names: Names, client: aioredis.Redis, batch: bool
+) -> None:
+    """Its outputs were staged when the handler returned; the call then failed (a
+    middleware raised): they go. The retry returns nothing, so nothing is published."""
+    await fill(client, names.stream, 4)
+    out = names("out")
+    app = App(redis_url, middleware=[_FailsAfter()])
+    runs: dict[str, int] = {}
+
+    def run(msg: Message) -> list[dict[str, str]]:
+        runs[msg.id] = runs.get(msg.id, 0) + 1
+        return [{"src": msg.id}] if runs[msg.id] == 1 else []
+
+    if batch:
+
+        @app.consumer(names.stream, group=names.group, output=out, retry_delay=0.01)
+        async def many(msgs: list[Message]) -> list[dict[str, str]]:
+            return [output for msg in msgs for output in run(msg)]
+
+    else:
+
+        @app.consumer(names.stream, group=names.group, output=out, retry_delay=0.01)
+        async def one(msg: Message) -> list[dict[str, str]]:
+            return run(msg)
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    assert set(runs.values()) == {2}
+    assert await client.xlen(out) == 0
+
+
+async def test_an_output_messagepack_cannot_carry_leaves_only_its_entry_to_the_dead_letters(
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A str with a lone surrogate is not Unicode text: the commit leaves that call out
+    (pending, then dead-lettered); the other entries commit."""
+    await fill(client, names.stream, 5)
+    app = App(redis_url, grace_period=0.2)
+
+    @app.consumer(
+        names.stream, group=names.group, output=names("out"), claim_idle_ms=200, max_deliveries=2
+    )
+    async def surrogate(order: Order) -> dict[str, str]:
+        return {"name": "caf\udce9" if order.n == 2 else "cafe", "n": str(order.n)}
+
+    with caplog.at_level(logging.ERROR, logger="asyncstreams"):
+        async with app:
+            dead_letter = f"{names.stream}:dead-letter"
+            await eventually(lambda: _length_is(client, dead_letter, 1), what="a dead letter")
+            await wait_drained(client, names.stream, names.group)
+    assert sorted(int(o["n"]) for o in await _outputs(client, names("out"))) == [0, 1, 3, 4]
+    assert "cannot be encoded" in caplog.text
