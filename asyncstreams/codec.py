@@ -470,13 +470,16 @@ def _flatten(items: Iterable[tuple[object, Any]]) -> list[str | bytes]:
     add = flat.append
     for key, value in items:
         if type(key) is not str:
-            raise ConfigurationError(
-                f"publish: expected field names as str, found {type(key).__name__} {key!r}"
-            )
+            # A str subclass or an enum whose value is a str names a field as it did.
+            key = msgspec.to_builtins(key)
+            if type(key) is not str:
+                raise ConfigurationError(
+                    f"publish: expected field names as str, found {type(key).__name__} {key!r}"
+                )
         kind = type(value)
         if kind is str:
             pass
-        elif value is None:
+        elif value is None or value is msgspec.UNSET:
             continue
         elif kind is int or kind is float:
             value = _number(value)
@@ -488,6 +491,8 @@ def _flatten(items: Iterable[tuple[object, Any]]) -> list[str | bytes]:
             # What msgspec makes of it: text (a datetime, a UUID, an enum's value...), a
             # number, or a nested value, written as JSON.
             converted = msgspec.to_builtins(value, builtin_types=_RAW)
+            if converted is None:  # an enum whose value is None
+                continue
             if type(converted) is str:
                 value = converted
             elif type(converted) in (int, float):
@@ -509,7 +514,7 @@ def _flatten(items: Iterable[tuple[object, Any]]) -> list[str | bytes]:
 _json = msgspec.json.Encoder().encode
 _astuple = msgspec.structs.astuple
 # Per Struct type: [name, None, name, None, ...] to fill with its values; empty where only
-# `to_builtins` says what is written (omit_defaults leaves fields out).
+# `to_builtins` says what is written (omit_defaults, a tag).
 _templates: dict[type, list[str | bytes | None]] = {}
 # Per tuple of value types: how to turn those values to text, as (index, converter) for
 # each that is not text already; None when one is not a scalar (then `_flatten` decides).
@@ -518,7 +523,9 @@ _steps: dict[tuple[type, ...], tuple[tuple[int, Callable[[Any], str]], ...] | No
 
 def _template(struct: type[msgspec.Struct]) -> list[str | bytes | None]:
     config = struct.__struct_config__
-    names = () if config.omit_defaults else struct.__struct_encode_fields__
+    # omit_defaults leaves fields out, a tag adds one: to_builtins says what is written.
+    plain = not config.omit_defaults and config.tag is None
+    names = struct.__struct_encode_fields__ if plain else ()
     template = _templates[struct] = [part for name in names for part in (name, None)]
     return template
 
@@ -537,8 +544,9 @@ def _steps_for(kinds: tuple[type, ...]) -> tuple[tuple[int, Callable[[Any], str]
 
 
 def _number(value: float) -> str:
-    """An int or a float as text: msgspec's JSON number (4x faster than repr, and the same
-    digits), or repr for what JSON has no number for (nan, inf, ints beyond 64 bits)."""
+    """An int or a float as text: msgspec's JSON number (4x faster than repr, the same
+    digits; an exponent is written `1e16`, not repr's `1e+16`), or repr for what JSON has
+    no number for (nan, inf, ints beyond 64 bits)."""
     try:
         text = _json(value)
     except (msgspec.EncodeError, OverflowError):

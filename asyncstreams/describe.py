@@ -325,12 +325,13 @@ class _Builder:
         for item in _items(options):
             names = _names(item)
             if isinstance(item, Partitioned):
-                title = item.name
+                title = item.name + item.suffix
                 about = f"the {item.partitions} partitions of the Partitioned stream {title}"
                 channel = self._channel(title, names, about)
                 self.channels[channel]["x-asyncstreams-partitioned"] = {
                     "name": item.name,
                     "partitions": item.partitions,
+                    **({"suffix": item.suffix} if item.suffix else {}),
                 }
             else:
                 title = item

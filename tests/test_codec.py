@@ -712,3 +712,42 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 )
 def test_round_trip_property(sample: Sample) -> None:
     assert round_trip(sample) == sample
+
+
+class _Tagged(msgspec.Struct, tag=True):
+    x: int
+
+
+class _Unset(msgspec.Struct):
+    a: int | msgspec.UnsetType = msgspec.UNSET
+    b: str = "x"
+
+
+class _Key(enum.StrEnum):
+    A = "a"
+
+
+class _Maybe(enum.Enum):
+    NONE = None
+    ONE = 1
+
+
+def test_encoding_keeps_what_to_builtins_writes_where_the_fast_path_would_not() -> None:
+    """A tagged Struct keeps its tag field (a reader decoding the union needs it); UNSET is
+    left out as None is; an enum or str subclass names a field by its value; an enum whose
+    value is None is left out."""
+    assert encode_fields(_Tagged(1)) == {"type": "_Tagged", "x": "1"}
+    assert msgspec.convert(encode_fields(_Tagged(1)), _Tagged, strict=False) == _Tagged(1)
+    assert encode_fields(_Unset()) == {"b": "x"}
+    assert encode_fields({_Key.A: "v", "n": _Maybe.NONE, "m": _Maybe.ONE}) == {"a": "v", "m": "1"}
+
+
+def test_numbers_are_written_as_json_numbers() -> None:
+    """msgspec's JSON digits (an exponent without "+"), repr where JSON has none."""
+    assert encode_fields({"a": 1e16, "b": 0.1, "c": 2**80, "d": float("nan"), "e": -3}) == {
+        "a": "1e16",
+        "b": "0.1",
+        "c": str(2**80),
+        "d": "nan",
+        "e": "-3",
+    }
