@@ -160,6 +160,10 @@ _CONSUMER_METRICS: tuple[tuple[str, _Family, str, str], ...] = (
      "How many more entries the consumer may hold now"),
     ("limit", GaugeMetricFamily, "asyncstreams_consumer_limit",
      "The most entries the consumer holds at once (concurrency + batch_size)"),
+    ("keys_held", GaugeMetricFamily, "asyncstreams_consumer_keys_held",
+     "With key=: keys held by an entry queued, running or waiting for a retry (else 0)"),
+    ("waiting_behind_keys", GaugeMetricFamily, "asyncstreams_consumer_waiting_behind_keys",
+     "With key=: entries the consumer holds that wait behind an earlier entry of their key"),
 )  # fmt: skip
 # Per stream and group, from the group figures: (attribute, name, help).
 _GROUP_METRICS = (

@@ -119,6 +119,8 @@ async def test_names_and_labels_before_and_while_running(
         "asyncstreams_consumer_in_flight",
         "asyncstreams_consumer_room",
         "asyncstreams_consumer_limit",
+        "asyncstreams_consumer_keys_held",
+        "asyncstreams_consumer_waiting_behind_keys",
     ):
         assert named(running, name) == [consumer], name
     assert value(running, "asyncstreams_received_total", **consumer) == 20
@@ -411,3 +413,35 @@ async def test_group_figures_on_a_cluster(cluster: EmbeddedCluster, names: Names
         assert sum(lengths) == 40
     finally:
         await checks.aclose()
+
+
+async def test_a_keyed_consumer_shows_its_held_keys_and_the_entries_waiting_behind_them(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """Two keys, three entries each; the handler holds the first entry of each: two keys
+    held, four entries waiting behind them."""
+    for n in range(6):
+        await client.xadd(names.stream, {"account": f"a{n % 2}", "n": str(n)})
+    app = App(redis_url, grace_period=0.1)
+    release = anyio.Event()
+    started: list[str] = []
+
+    @app.consumer(names.stream, group=names.group, key="account")
+    async def apply(fields: dict[str, str]) -> None:
+        started.append(fields["n"])
+        await release.wait()
+
+    metrics = instrument(app)
+    async with app:
+        await eventually(lambda: _running(started, 2), what="the first entry of each key")
+        found = samples(await metrics.scrape())
+        consumer = {"group": names.group, "handler": apply.__qualname__,
+                    "consumer": app.consumer_name}  # fmt: skip
+        assert value(found, "asyncstreams_consumer_keys_held", **consumer) == 2
+        assert value(found, "asyncstreams_consumer_waiting_behind_keys", **consumer) == 4
+        release.set()
+        await wait_drained(client, names.stream, names.group)
+
+
+async def _running(started: list[str], count: int) -> bool:
+    return len(started) == count
