@@ -15,6 +15,7 @@ DEFAULT_SCENARIOS = (
     "cluster",
     "middleware",
     "pipeline",
+    "keyed",
 )
 # Opt-in only: a 1,000,000-entry backlog takes a while to write and to drain.
 OPTIONAL_SCENARIOS = ("memory",)
@@ -23,6 +24,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Where --quick writes unless --out says otherwise, so that a smoke check never overwrites the
 # results of a full run (benchmarks/results/latest.*, in git); .gitignore lists it.
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
+# The keyed scenario's distinct keys over its backlog: many (the target's row) and a few.
+KEYED_KEYS = 10_000
+KEYED_HOT_KEYS = 10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +59,9 @@ class Config:
     cluster_partitions: int = 16
     cluster_idle_seconds: float = 5.0
     entry_size: int = 100
+    # The keyed scenario: distinct keys over its backlog (the drain's), many and a few (hot).
+    keyed_keys: int = KEYED_KEYS
+    keyed_hot_keys: int = KEYED_HOT_KEYS
     # Another source tree's asyncstreams, drained beside this one (a before/after in one run).
     baseline_source: Path | None = None
 

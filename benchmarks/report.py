@@ -26,6 +26,7 @@ SCENARIO_TITLES = {
     "cluster": "Redis Cluster: one consumer process over three masters",
     "middleware": "What middleware costs a no-op drain",
     "pipeline": "What a pipeline's output costs a no-op drain",
+    "keyed": "What key lanes (key=) cost a no-op drain",
 }
 SCENARIO_NOTES = {
     "drain": (
@@ -86,6 +87,17 @@ SCENARIO_NOTES = {
         "the same by a batch handler (`list[Task]`) returning its list. After each drain the "
         "child checks that the output stream holds one entry per entry (a run that published "
         "fewer fails); the stream is deleted after each run."
+    ),
+    "keyed": (
+        "The drain scenario's no-op drain (the same backlog, entries of about the same 100 "
+        'bytes, default options), by the same consumer four ways: no `key=`; `key="key"`, a '
+        "field name, over {keyed_keys:,} distinct keys; `key=lambda task: task.key`, a "
+        'callable on the Struct the handler takes, over the same keys; and `key="key"` over '
+        "{keyed_hot:,} distinct keys (hot keys: at most {keyed_hot:,} handlers at once). Its "
+        "data sets are its own: each entry has a fourth field, `key` (`k` and the entry's "
+        "number modulo the keys, zero-padded, spread round robin over the backlog), its bytes "
+        "taken from the filler; every row's handler takes the same Struct (the `Task` with "
+        "its `key`)."
     ),
 }
 
@@ -348,6 +360,8 @@ def markdown(
         "publish": config.publish_entries,
         "publish_many": config.publish_many_entries,
         "partitions": config.cluster_partitions,
+        "keyed_keys": config.keyed_keys,
+        "keyed_hot": config.keyed_hot_keys,
     }
     for scenario, cases in _groups(outcomes).items():
         lines += ["", f"## {scenario}: {SCENARIO_TITLES[scenario]}", ""]

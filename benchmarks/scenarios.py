@@ -19,7 +19,8 @@ from . import cluster as cluster_steps
 from . import steps
 from .config import Config
 from .impls import asyncstreams_impl
-from .specs import Impl, Loop, Middle, PublishMethod, Shape, Work
+from .payload import KEY_FIELD
+from .specs import Impl, KeyBy, Loop, Middle, PublishMethod, Shape, Work
 from .steps import Run
 from .store import DataSet, Store
 
@@ -49,7 +50,9 @@ class Step:
     label: str
     role: Role
     run: RunStep
-    data: tuple[int, int] | None = None  # (entries, size) of the data set the step reads
+    # (entries, size) of the data set the step reads; (entries, size, keys): one with a `key`
+    # field of `keys` distinct values (the keyed scenario's; Store.dataset)
+    data: tuple[int, int] | tuple[int, int, int] | None = None
     entries: int | None = None  # entries handled or written, where there is no data set
     repeat: int = 1
     ref: str | None = None
@@ -93,6 +96,7 @@ def _drain(
     source: str = "",
     middleware: Middle = "none",
     output: bool = False,
+    key: KeyBy = "",
 ) -> RunStep:
     def run(store: Store, dataset: DataSet | None) -> Run:
         assert dataset is not None
@@ -109,6 +113,7 @@ def _drain(
             source=source,
             middleware=middleware,
             output=output,
+            key=key,
         )
 
     return run
@@ -349,6 +354,30 @@ def pipeline(config: Config) -> list[Step]:
     ]  # fmt: skip
 
 
+def keyed(config: Config) -> list[Step]:
+    """What key lanes (`key=`) cost a no-op drain: no key; a field name and a callable on
+    the payload over many distinct keys; a field name over a few hot keys. Every row reads
+    entries with a `key` field (a data set of the scenario's own) into the same Struct."""
+    entries, size = config.drain_entries, config.entry_size
+    many, hot = config.keyed_keys, config.keyed_hot_keys
+    row = partial(Step, "keyed", "no-op drain", repeat=config.repeat,
+                  data=(entries, size, many))  # fmt: skip
+    no_keys = asyncstreams_impl.key_lanes()
+    return [
+        row("asyncstreams", "asyncstreams, no key= (the drain's no-op drain)", "asyncstreams",
+            _drain("asyncstreams", shape="keyed")),
+        row("field", f'asyncstreams, key="{KEY_FIELD}" (a field name), {many:,} distinct keys',
+            "asyncstreams", _drain("asyncstreams", shape="keyed", key="field"),
+            ref="asyncstreams", skip=no_keys),
+        row("call", f"asyncstreams, key=lambda task: task.{KEY_FIELD} (a callable), {many:,} "
+            "distinct keys", "asyncstreams", _drain("asyncstreams", shape="keyed", key="call"),
+            ref="asyncstreams", skip=no_keys),
+        row("hot", f'asyncstreams, key="{KEY_FIELD}" (a field name), {hot:,} distinct keys '
+            "(hot keys)", "asyncstreams", _drain("asyncstreams", shape="keyed", key="field"),
+            data=(entries, size, hot), ref="asyncstreams", skip=no_keys),
+    ]  # fmt: skip
+
+
 def _size_label(size: int) -> str:
     return f"{size // 1000} KB" if size >= 1000 else f"{size} B"
 
@@ -364,6 +393,7 @@ PLANS: dict[str, Callable[[Config], list[Step]]] = {
     "cluster": cluster,
     "middleware": middleware,
     "pipeline": pipeline,
+    "keyed": keyed,
 }
 
 

@@ -14,8 +14,9 @@ import msgspec
 Loop = Literal["uvloop", "asyncio"]
 Work = Literal["noop", "sleep", "latency"]
 # What an asyncstreams handler takes: a Struct, dict[str, str] fields, Message, list[Task],
-# list[Message].
-Shape = Literal["struct", "fields", "message", "batch", "batch-message"]
+# list[Message]; "keyed": the Struct of the keyed scenario's entries (KeyedTask, a Task with
+# its `key` field).
+Shape = Literal["struct", "fields", "message", "batch", "batch-message", "keyed"]
 Impl = Literal[
     "asyncstreams",
     "baseline-inline",
@@ -37,6 +38,9 @@ PublishMethod = Literal[
 # What middleware the asyncstreams consumer runs: none, one that overrides both hooks and
 # does nothing, or the Prometheus metrics (asyncstreams.prometheus.instrument).
 Middle = Literal["none", "trivial", "metrics"]
+# The keyed scenario's `key=`: none; the entry's `key` field by name (`key="key"`); or a
+# callable on the handler's Struct (`key=lambda task: task.key`).
+KeyBy = Literal["", "field", "call"]
 
 SLEEP_SECONDS = 0.001  # the io scenario's handler: await asyncio.sleep(0.001)
 SPEC_ENV = "ASYNCSTREAMS_BENCH_SPEC"  # where a child finds its spec (not argv: `ps` shows it)
@@ -58,6 +62,8 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     # handler returning what it got, one output per entry ("": no output). The child checks
     # that the stream holds `entries` entries once the drain is done.
     output: str = ""
+    # The keyed scenario: how the asyncstreams consumer is given `key=` ("": not at all).
+    key: KeyBy = ""
     # "count": done when `entries` were handled and acked (the child times it);
     # "stdin": run until the parent writes STOP (several processes share the group).
     until: Literal["count", "stdin"] = "count"

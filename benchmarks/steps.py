@@ -26,6 +26,7 @@ from .specs import (
     ConsumeResult,
     ConsumeSpec,
     Impl,
+    KeyBy,
     Loop,
     Middle,
     ProduceResult,
@@ -115,6 +116,7 @@ def drain(
     source: str = "",
     middleware: Middle = "none",
     output: bool = False,
+    key: KeyBy = "",
 ) -> Run:
     """One consumer drains the data set in a group of its own, starting at the first entry.
     `output`: it publishes what its handler returns to a fresh stream of the suite's (the
@@ -138,6 +140,7 @@ def drain(
         source=source,
         middleware=middleware,
         output=output_stream,
+        key=key,
     )
     try:
         with _spawn("consume", spec, f"consumer {impl}") as child:

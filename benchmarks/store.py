@@ -40,6 +40,7 @@ class DataSet:
     entries: int
     size: int
     last_id: str
+    keys: int = 0  # the keyed scenario's: distinct values of the `key` field (0: no such field)
 
 
 class Store:
@@ -51,7 +52,7 @@ class Store:
         self.prefix = f"asyncstreams-bench:{secrets.token_hex(4)}:"
         self._counter = itertools.count(1)
         self._keys: set[str] = set()
-        self._datasets: dict[tuple[int, int], DataSet] = {}
+        self._datasets: dict[tuple[int, int, int], DataSet] = {}
         self._lab: Lab | None = None
 
     def name(self, what: str) -> str:
@@ -69,18 +70,21 @@ class Store:
 
     # -- data --------------------------------------------------------------------------
 
-    def dataset(self, entries: int, size: int) -> DataSet:
-        """A stream of `entries` tasks of `size` bytes, written once and shared by the runs."""
-        key = (entries, size)
+    def dataset(self, entries: int, size: int, keys: int = 0) -> DataSet:
+        """A stream of `entries` tasks of `size` bytes, written once and shared by the runs;
+        with `keys`, each has a `key` field too, one of `keys` distinct values (the keyed
+        scenario's own data sets: the others' have none)."""
+        key = (entries, size, keys)
         if key not in self._datasets:
-            stream = self.name(f"data-{size}B-{entries}")
-            last_id = self.fill(stream, 0, entries, size)
-            self._datasets[key] = DataSet(stream, entries, size, last_id)
+            what = f"data-{size}B-{entries}" + (f"-{keys}keys" if keys else "")
+            stream = self.name(what)
+            last_id = self.fill(stream, 0, entries, size, keys)
+            self._datasets[key] = DataSet(stream, entries, size, last_id, keys)
         return self._datasets[key]
 
-    def fill(self, stream: str, start: int, stop: int, size: int) -> str:
+    def fill(self, stream: str, start: int, stop: int, size: int, keys: int = 0) -> str:
         """XADD entries `start..stop-1` (see `fill`); the last id."""
-        return fill(self.client, stream, start, stop, size)
+        return fill(self.client, stream, start, stop, size, keys)
 
     def drop_datasets(self) -> None:
         for dataset in self._datasets.values():
@@ -135,15 +139,16 @@ class Store:
         return check_group(self.client, stream, group, last_id, entries)
 
 
-def fill(client: redis.Redis, stream: str, start: int, stop: int, size: int) -> str:
-    """XADD entries `start..stop-1` in pipelines of 1,000 packed by hiredis; the last id."""
+def fill(client: redis.Redis, stream: str, start: int, stop: int, size: int, keys: int = 0) -> str:
+    """XADD entries `start..stop-1` in pipelines of 1,000 packed by hiredis; the last id.
+    `keys`: a `key` field of that many distinct values in each (payload.task_fields)."""
     connection = client.connection_pool.get_connection()
     last_id = ""
     try:
         for first in range(start, stop, FILL_CHUNK):
             seqs = range(first, min(stop, first + FILL_CHUNK))
             now = time.time()
-            packed = b"".join(pack(xadd_args(stream, seq, size, now)) for seq in seqs)
+            packed = b"".join(pack(xadd_args(stream, seq, size, now, keys)) for seq in seqs)
             connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
             for _ in seqs:
                 last_id = _text(connection.read_response()) or ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import KEYED_KEYS
 from .results import Outcome, commands_per_entry
 
 RSS_LIMIT_MB = 60.0
@@ -13,6 +14,7 @@ CLUSTER_COMMANDS_SLACK = 0.10  # commands per entry: the cluster's at most 10% a
 CLUSTER_BALANCE = 1.5  # the busiest master against the mean of the masters
 METRICS_SHARE = 0.9  # a no-op drain with the Prometheus metrics: within 10% of one without
 PIPELINE_SHARE = 0.7  # a no-op transform (output=, one output per entry) against no output
+KEYED_SHARE = 0.8  # a no-op drain with key= a field name (10,000 distinct keys) against none
 # Against the ceiling, the bare-socket rows of the same run (issue #11).
 CEILING_SHARE = 0.70  # no-op drain, per-message handler, default options: msgs/s
 CEILING_CPU = 1.5  # ... and CPU per entry at most this multiple of the ceiling's
@@ -98,6 +100,10 @@ def evaluate(outcomes: list[Outcome]) -> list[Target]:
     targets.append(
         _ratio(f"pipeline: no-op transform ≥ {PIPELINE_SHARE}x the plain no-op drain",
                look, "pipeline", None, "transform", "asyncstreams", PIPELINE_SHARE)
+    )  # fmt: skip
+    targets.append(
+        _ratio(f"keyed: {KEYED_KEYS:,} distinct keys ≥ {KEYED_SHARE}x unkeyed (no-op drain)",
+               look, "keyed", None, "field", "asyncstreams", KEYED_SHARE)
     )  # fmt: skip
     return targets
 

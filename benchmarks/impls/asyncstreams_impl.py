@@ -12,7 +12,7 @@ from typing import Any
 from asyncstreams import App, Call, ConfigurationError, Message, Middleware, Outcome, Partitioned
 
 from ..ledger import Sink
-from ..payload import Task, task
+from ..payload import KEY_FIELD, KeyedTask, Task, task
 from ..specs import ConsumeSpec, PublishSpec
 
 BATCH_SIZE = 500  # batch handlers read as FastStream's batch subscriber does: 500 at a time
@@ -43,6 +43,20 @@ def pipelines() -> str | None:
         app.consumer("probe", group="probe", output="probe-out")(probe)
     except (TypeError, ConfigurationError):
         return "asyncstreams has no pipelines yet (output= is refused)"
+    return None
+
+
+def key_lanes() -> str | None:
+    """None if a consumer may take `key=` (key lanes); otherwise why not."""
+    app = App("redis://127.0.0.1:1/0")  # never connects
+
+    async def probe(task: Task) -> None:
+        return None
+
+    try:
+        app.consumer("probe", group="probe", key="task_id")(probe)
+    except (TypeError, ConfigurationError):
+        return "asyncstreams has no key lanes yet (key= is refused)"
     return None
 
 
@@ -119,6 +133,14 @@ def _handler(shape: str, sink: Sink) -> Callable[..., Awaitable[None]]:
                 await sleep(delay)
 
         return handle_task
+    if shape == "keyed":
+
+        async def handle_keyed(task: KeyedTask) -> None:
+            record(task.task_id, task.created_at)
+            if delay:
+                await sleep(delay)
+
+        return handle_keyed
     if shape == "fields":
 
         async def handle_fields(fields: dict[str, str]) -> None:
@@ -167,6 +189,10 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
         options["batch_size"] = spec.batch_size
     elif spec.shape in ("batch", "batch-message"):
         options["batch_size"] = BATCH_SIZE
+    if spec.key == "field":
+        options["key"] = KEY_FIELD
+    elif spec.key == "call":  # on the handler's Struct, a KeyedTask (shape "keyed")
+        options["key"] = lambda task: task.key
     streams: str | Partitioned | list[str] = spec.stream
     if spec.partitions:
         streams = Partitioned(spec.stream, spec.partitions)
