@@ -48,6 +48,8 @@ from .partitions import Partitioned
 
 log = logging.getLogger("asyncstreams.consumer")
 _msgpack = msgspec.msgpack.Encoder().encode
+# What encoding an output that MessagePack cannot carry raises.
+_UNENCODABLE = (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError)
 
 # The most fields one output may have: the script passes them to XADD with Lua's unpack(),
 # which takes about 8,000 values.
@@ -237,8 +239,6 @@ class Pipeline:
         self._warned: set[tuple[str, str]] = set()
         # The flushes of a cluster's masters publish non-atomic calls one at a time.
         self._publishing = asyncio.Lock()
-        # Calls whose entries were taken by another consumer before they committed.
-        self.fenced = 0
 
     # -- from the handler's call to a staged Commit ------------------------------------
 
@@ -279,10 +279,6 @@ class Pipeline:
         An output that cannot be published raises, failing the call (nothing is staged)."""
         first = ids[0]
         box = self._outboxes.pop(first, None) if self._outboxes else None
-        staged = self._staged
-        if staged:
-            for entry in ids:  # what an earlier run of these entries staged, if it failed later
-                staged.pop(entry, None)
         if result is None and box is None:
             return
         outputs: list[Output] = []
@@ -308,6 +304,7 @@ class Pipeline:
                 if key_slot(name) != slot:
                     call.atomic = False
                     self._warn_once(first[0], name)
+        staged = self._staged
         for entry in ids:
             staged[entry] = call
 
@@ -397,8 +394,19 @@ class Pipeline:
             groups = list(by_slot.values())
         else:
             groups = [calls]
-        groups = [kept for group in groups if (kept := self._encodable(group))]
-        commands = [(_stream_of(group[0]), self._commit(group)) for group in groups]
+        commands: list[tuple[str, bytes]] = []
+        kept: list[list[Commit | tuple[str, bytes]]] = []
+        for group in groups:
+            try:
+                command = self._commit(group)
+            except _UNENCODABLE:
+                group = self._encodable(group)
+                if not group:
+                    continue
+                command = self._commit(group)
+            kept.append(group)
+            commands.append((_stream_of(group[0]), command))
+        groups = kept
         replies = await self._nodes.send(commands) if commands else []
         for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, ResponseError):
@@ -411,21 +419,14 @@ class Pipeline:
         self, calls: list[Commit | tuple[str, bytes]]
     ) -> list[Commit | tuple[str, bytes]]:
         """`calls` but those whose outputs MessagePack cannot carry (a str with a lone
-        surrogate, say: text that is not Unicode): they are left pending, as the calls whose
-        outputs Redis refuses (see `_refused`). Checked call by call only when the whole
-        commit does not encode."""
-        try:
-            _msgpack([call.item for call in calls if not isinstance(call, tuple)])
-        except (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError):
-            pass
-        else:
-            return calls
+        surrogate, say: text that is not Unicode), for a commit that did not encode: they
+        are left pending, as the calls whose outputs Redis refuses (see `_refused`)."""
         kept: list[Commit | tuple[str, bytes]] = []
         for call in calls:
             if not isinstance(call, tuple):
                 try:
                     _msgpack(call.item)
-                except (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError) as exc:
+                except _UNENCODABLE as exc:
                     self._refused(call, f"cannot be encoded ({exc})")
                     self.dropped(call.entries)
                     continue
@@ -472,7 +473,6 @@ class Pipeline:
             if why == 2:
                 self._refused(call)
             elif why == 1:
-                self.fenced += 1
                 log.warning(
                     "%s: entries %s were claimed by another consumer before their outputs "
                     "were committed: the outputs are dropped (the other consumer's run "
