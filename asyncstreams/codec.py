@@ -476,31 +476,28 @@ def _flatten(items: Iterable[tuple[object, Any]]) -> list[str | bytes]:
                 raise ConfigurationError(
                     f"publish: expected field names as str, found {type(key).__name__} {key!r}"
                 )
-        kind = type(value)
-        if kind is str:
-            pass
-        elif value is None or value is msgspec.UNSET:
-            continue
-        elif kind is int or kind is float:
-            value = _number(value)
-        elif kind is bool:
-            value = _boolean(value)
-        elif isinstance(value, _RAW):
-            value = bytes(value)
-        else:
-            # What msgspec makes of it: text (a datetime, a UUID, an enum's value...), a
-            # number, or a nested value, written as JSON.
-            converted = msgspec.to_builtins(value, builtin_types=_RAW)
-            if converted is None:  # an enum whose value is None
+        if type(value) is not str:
+            if value is None or value is msgspec.UNSET:
                 continue
-            if type(converted) is str:
-                value = converted
-            elif type(converted) in (int, float):
-                value = _number(converted)
-            elif type(converted) is bool:
-                value = "true" if converted else "false"
+            convert = _SCALARS.get(type(value))
+            if convert is not None:
+                value = convert(value)
+            elif isinstance(value, _RAW):
+                value = bytes(value)
             else:
-                value = _json(value)
+                # What msgspec makes of it: text (a datetime, a UUID, an enum's value...),
+                # a number, nothing (an enum whose value is None), or a nested value,
+                # written as JSON.
+                converted = msgspec.to_builtins(value, builtin_types=_RAW)
+                if converted is None:
+                    continue
+                convert = _SCALARS.get(type(converted))
+                if type(converted) is str:
+                    value = converted
+                elif convert is not None:
+                    value = convert(converted)
+                else:
+                    value = _json(value)
         add(key)
         add(value)
     if not flat:
