@@ -150,15 +150,22 @@ class GroupReader:
         """True from sending XREADGROUP until its reply is read."""
         return self._link.busy
 
-    async def read(self, count: int, *, block: bool = True) -> list[Entry]:
-        """Entries never delivered to the group before, at most `count` (>= 1) per stream;
-        with `block`, waiting up to BLOCK ms for some to arrive.
+    async def read(
+        self, count: int, *, block: bool = True, only: Sequence[str] | None = None
+    ) -> list[Entry]:
+        """Entries never delivered to the group before, at most `count` (>= 1) per stream
+        (of `only`, some of the reader's streams, if given); with `block`, waiting up to
+        BLOCK ms for some to arrive.
 
         COUNT 0 would mean no limit at all to Redis: a caller's mistake, refused here.
         """
         if count < 1:
             raise ValueError(f"XREADGROUP COUNT must be at least 1, got {count}")
-        if block:
+        if only is not None:
+            now = ("STREAMS", *only, *(">" for _ in only))
+            head = (*self._head, count, *(("BLOCK", self._blocking[1]) if block else ()))
+            reply = await self._link.call(pack((*head, *now)), self._timeout)
+        elif block:
             packed = pack((*self._head, count, *self._blocking))
             reply = await self._link.call(packed, self._timeout)
         else:
@@ -238,16 +245,26 @@ async def pending(
     nodes: Nodes,
     stream: str,
     group: str,
-    consumer: str,
+    consumer: str | None,
     *,
     min_idle_ms: int,
     start: bytes | str = "-",
     end: bytes | str = "+",
     count: int,
 ) -> list[Pending]:
-    """XPENDING ... IDLE: `consumer`'s pending entries idle at least `min_idle_ms`, by id."""
+    """XPENDING ... IDLE: `consumer`'s pending entries (every consumer's, for None) idle at
+    least `min_idle_ms`, by id."""
     reply = await nodes.raw(
-        stream, "XPENDING", stream, group, "IDLE", min_idle_ms, start, end, count, consumer
+        stream,
+        "XPENDING",
+        stream,
+        group,
+        "IDLE",
+        min_idle_ms,
+        start,
+        end,
+        count,
+        *(() if consumer is None else (consumer,)),
     )
     return [Pending(_bytes(entry_id), int(idle), int(n)) for entry_id, _, idle, n in reply]
 

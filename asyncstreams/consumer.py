@@ -39,6 +39,7 @@ from .lanes import KeyedLedger, guarded, guarded_batch, make_ledger
 from .message import Entry
 from .middleware import Call, Chain, Middleware
 from .options import ConsumerOptions
+from .ownership import Ownership
 from .pipeline import Pipeline
 from .recovery import Recovery
 from .workers import Workers
@@ -50,6 +51,8 @@ FINAL_FLUSH_TIMEOUT = 5.0
 # How long handing entries back to the group at shutdown may take (it is a courtesy: what
 # is not given back is claimed after claim_idle_ms).
 GIVE_BACK_TIMEOUT = 2.0
+# How often a reader that owns no partition (`ordered=True`) looks again, at most.
+OWNERSHIP_POLL = 0.5
 
 
 @dataclass(slots=True)
@@ -112,6 +115,11 @@ class Consumer:
             GroupReader(nodes, streams, options.group, name, options.block_ms)
             for streams in nodes.slot_groups(options.names)
         ]
+        # With `ordered=True`: the partitions a read is in flight for, and a wake-up for
+        # readers that own none.
+        self._reading_now: set[str] = set()
+        self._owned_changed = asyncio.Event()
+        self._unblocking: set[asyncio.Task[None]] = set()
         # With outputs to publish, the acks are commits (asyncstreams.pipeline).
         self.pipeline = (
             Pipeline(
@@ -138,6 +146,7 @@ class Consumer:
             self.failures.unrun = lambda entry, outcome: chain.settled(
                 make_call((entry,)), outcome, None
             )
+        self.ownership = self._make_ownership(options, name)
         self.workers = Workers(
             self.ledger,
             self.failures,
@@ -164,16 +173,20 @@ class Consumer:
             failures=self.failures,
             outage=self._outage,
             queued=self.workers.wake,
+            ownership=self.ownership,
         )
         self._readers_left = len(self._readers)
         self._reader_done = anyio.Event()
         self._recovery_done = anyio.Event()
 
     def _invoke(self, plan: HandlerPlan, options: ConsumerOptions, name: str) -> Invoke:
-        """The per-entry call of the handler: key lanes' guard, and a pipeline's staging."""
+        """The per-entry call of the handler: key lanes' guard, the partition owner's check
+        of its lease, and a pipeline's staging."""
         pipeline = self.pipeline
         bound = plan.bind(options.group, name, pipeline.outbox if pipeline else None)
         invoke = guarded(self.ledger, bound, plan)
+        if self.ownership is not None:
+            invoke = self.ownership.guard(invoke)
         return pipeline.staged(invoke) if pipeline else invoke
 
     def _invoke_batch(self, plan: HandlerPlan, options: ConsumerOptions, name: str) -> InvokeBatch:
@@ -181,7 +194,36 @@ class Consumer:
         pipeline = self.pipeline
         bound = plan.bind_batch(options.group, name, pipeline.outbox if pipeline else None)
         invoke = guarded_batch(self.ledger, bound)
+        if self.ownership is not None:
+            invoke = self.ownership.guard_batch(invoke)
         return pipeline.staged_batch(invoke) if pipeline else invoke
+
+    def _make_ownership(self, options: ConsumerOptions, name: str) -> Ownership | None:
+        """With `ordered=True`: the partitions this consumer owns (asyncstreams.ownership)."""
+        partitioned = options.partitioned
+        if partitioned is None:
+            return None
+        return Ownership(
+            self.nodes,
+            options,
+            partitioned,
+            name,
+            self.where,
+            ledger=self.ledger,
+            take_on=lambda claimed: self._recovery.take_on(claimed),
+            changed=self._ownership_changed,
+            reading=self._reading_now.__contains__,
+        )
+
+    def _ownership_changed(self) -> None:
+        """Partitions were taken, lost or are being handed over: the readers read again
+        (a blocked read is woken, without losing its reply)."""
+        self._owned_changed.set()
+        for reader in self._readers:
+            if reader.blocked:
+                task = asyncio.get_running_loop().create_task(reader.unblock())
+                self._unblocking.add(task)
+                task.add_done_callback(self._unblocking.discard)
 
     async def run(
         self,
@@ -224,6 +266,10 @@ class Consumer:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._flush_loop, name=f"asyncstreams acks {self.plan.name}")
+                if self.ownership is not None:
+                    tasks.start_soon(
+                        self.ownership.run, name=f"asyncstreams ownership {self.plan.name}"
+                    )
                 await tasks.start(self.workers.run, name=f"asyncstreams workers {self.plan.name}")
                 async with anyio.create_task_group() as intake:
                     intake.start_soon(self._recover, name=f"asyncstreams recovery {self.plan.name}")
@@ -339,10 +385,22 @@ class Consumer:
         alone = len(self._readers) == 1
         idle = False
         debug = log.isEnabledFor(logging.DEBUG)
+        ownership = self.ownership
+        only: list[str] | None = None
         try:
             # The consumer's own pending entries come first (a restart under the same name).
             await self._recovery.first_pass_done.wait()
             while not ledger.closed:
+                if ownership is not None:
+                    # Only the partitions owned, with a lease that counts (checked before
+                    # each read).
+                    only = ownership.readable_now(reader.streams)
+                    if not only:
+                        self._owned_changed.clear()
+                        with anyio.move_on_after(OWNERSHIP_POLL):
+                            await self._owned_changed.wait()
+                        continue
+                    streams = len(only)
                 count = ledger.read_count(streams)
                 if not count:
                     await ledger.wait_for_room(streams)
@@ -351,12 +409,16 @@ class Consumer:
                 if idle:
                     count = 1
                 kept = ledger.read_started(count, streams)
+                if only is not None:
+                    self._reading_now.update(only)
                 try:
                     entries = await self._outage.ride(
-                        lambda: reader.read(count, block=block)  # noqa: B023
+                        lambda: reader.read(count, block=block, only=only)  # noqa: B023
                     )
                 finally:
                     ledger.read_ended(kept)
+                    if only is not None:
+                        self._reading_now.difference_update(only)
                 idle = not entries
                 if entries:
                     ledger.delivered(entries)
@@ -463,6 +525,9 @@ class Consumer:
         if not self.ledger.ack_count:  # else Redis does not answer: no use trying
             with anyio.move_on_after(GIVE_BACK_TIMEOUT):
                 await self._give_back()
+            if self.ownership is not None:
+                with anyio.move_on_after(GIVE_BACK_TIMEOUT):
+                    await self.ownership.leave()
         await self._acker.close()
         self.failures.log.flush()
         unacked = self.ledger.ack_count

@@ -49,6 +49,15 @@ class TooLarge(Exception):
         super().__init__(f"entry is {entry[4]} bytes, more than max_payload_bytes={limit}")
 
 
+class LeaseLost(Exception):
+    """Raised in place of a handler's call whose partition this consumer no longer owns
+    (`ordered=True`, asyncstreams.ownership): its entry is left to the new owner, neither
+    run nor retried here."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(f"this consumer no longer owns partition {stream}")
+
+
 class Failures:
     """The failure policy of one consumer."""
 
@@ -89,6 +98,11 @@ class Failures:
         `logged`: the exception was logged already (a batch's), so a retry logs nothing.
         """
         stream, entry_id, _, deliveries, _ = entry
+        if isinstance(exc, LeaseLost):
+            # Held as cancelled, until the ownership drops it (or, renewed after all,
+            # claims it back as a retry due now).
+            self._ledger.cancelled([entry])
+            return "cancelled"
         if isinstance(exc, TooLarge):
             return await self.reject(entry, Reason.TOO_LARGE, None, str(exc))
         if isinstance(exc, DecodeError):

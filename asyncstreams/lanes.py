@@ -265,12 +265,13 @@ class KeyedLedger(Ledger):
 
     # -- stopping ----------------------------------------------------------------------
 
-    def leave(self) -> dict[str, list[tuple[bytes, float | None, int]]]:
+    def leave(self, only: str | None = None) -> dict[str, list[tuple[bytes, float | None, int]]]:
         """As the ledger's, with the entries waiting behind their key (never started)."""
-        left = super().leave()
+        left = super().leave(only)
         for waiting in self._lanes.values():
             for _, (stream, entry_id, _, deliveries, _) in waiting:
-                left[stream].append((entry_id, None, deliveries - 1))
+                if stream in left:
+                    left[stream].append((entry_id, None, deliveries - 1))
         return left
 
     def given_back(self, stream: str, ids: list[bytes]) -> None:

@@ -420,18 +420,23 @@ class Ledger:
 
     # -- stopping ----------------------------------------------------------------------
 
-    def leave(self) -> dict[str, list[tuple[bytes, float | None, int]]]:
-        """At stop: the entries not run to the end here, to give back to the group, by
-        stream, as (id, when its retry is due or None to run at once, deliveries it ran).
+    def leave(self, only: str | None = None) -> dict[str, list[tuple[bytes, float | None, int]]]:
+        """At stop (or when a partition is handed over: of stream `only`): the entries not
+        run to the end here, to give back to the group, by stream, as (id, when its retry
+        is due or None to run at once, deliveries it ran).
 
         Queued entries never started: their delivery here did not run, so it is not
         counted. Entries waiting for a retry keep their count and their due time.
         """
-        left: dict[str, list[tuple[bytes, float | None, int]]] = {s: [] for s in self._ids}
+        left: dict[str, list[tuple[bytes, float | None, int]]] = {
+            s: [] for s in self._ids if only is None or s == only
+        }
         for stream, entry_id, _, deliveries, _ in self.queue:
-            left[stream].append((entry_id, None, deliveries - 1))
+            if stream in left:
+                left[stream].append((entry_id, None, deliveries - 1))
         for stream, entry_id, retry in self.retries():
-            left[stream].append((entry_id, retry.due, retry.deliveries))
+            if stream in left:
+                left[stream].append((entry_id, retry.due, retry.deliveries))
         return left
 
     def given_back(self, stream: str, ids: list[bytes]) -> None:

@@ -68,6 +68,21 @@ class ConsumerOptions:
             "`None`: no order is kept"
         ),
     )
+    ordered: bool = field(
+        default=False,
+        metadata=_doc(
+            "with a `Partitioned` stream and `key=`: each partition has one owner at a time "
+            "among the group's live consumers, so a key's entries run in order across "
+            "processes too (see [Ordering](#ordering))"
+        ),
+    )
+    lease_ms: int = field(
+        default=10_000,
+        metadata=_doc(
+            "with `ordered=True`: how long a partition's owner keeps it without renewing "
+            "(it renews every third of it); a crashed owner's partitions move after this"
+        ),
+    )
     batch_size: int = field(
         default=500,
         metadata=_doc(
@@ -228,6 +243,7 @@ class ConsumerOptions:
                         f"consumer reads ({stream!r}); expected another stream"
                     )
         self._check_output(owner, names)
+        self._check_ordered(owner)
         _positive_int(owner, "claim_idle_ms", self.claim_idle_ms)
         if self.max_payload_bytes is not None:
             _positive_int(owner, "max_payload_bytes", self.max_payload_bytes)
@@ -238,6 +254,39 @@ class ConsumerOptions:
             _non_negative_number(
                 owner, "delete_idle_consumers_after", self.delete_idle_consumers_after
             )
+
+    def _check_ordered(self, owner: str) -> None:
+        if not isinstance(self.ordered, bool):
+            raise ConfigurationError(
+                f"{owner}: ordered must be True or False, got {self.ordered!r}"
+            )
+        _positive_int(owner, "lease_ms", self.lease_ms)
+        if not self.ordered:
+            return
+        items: tuple[str | Partitioned, ...] = self.streams  # type: ignore[assignment]  # a tuple since __post_init__
+        if len(items) != 1 or not isinstance(items[0], Partitioned):
+            raise ConfigurationError(
+                f"{owner}: ordered=True gives each partition of a Partitioned stream one owner "
+                f"at a time; expected one Partitioned stream, got {self.label!r}"
+            )
+        if self.key is None:
+            raise ConfigurationError(
+                f"{owner}: ordered=True keeps the entries of each key in order across "
+                "processes; expected key= (a field name or a callable) beside it, found none"
+            )
+        if self.lease_ms < 300:
+            raise ConfigurationError(
+                f"{owner}: lease_ms must be at least 300 (it is renewed every third of it), "
+                f"got {self.lease_ms}"
+            )
+
+    @property
+    def partitioned(self) -> Partitioned | None:
+        """The one `Partitioned` stream read, with `ordered=True`; else None."""
+        if not self.ordered:
+            return None
+        items: tuple[Partitioned, ...] = self.streams  # type: ignore[assignment]  # checked
+        return items[0]
 
     def _check_output(self, owner: str, names: tuple[str, ...]) -> None:
         output = self.output

@@ -46,6 +46,7 @@ from .failures import Failures
 from .ledger import Ledger
 from .message import Entry, entry
 from .options import ConsumerOptions
+from .ownership import Ownership
 
 log = logging.getLogger("asyncstreams.recovery")
 
@@ -69,6 +70,7 @@ class Recovery:
         failures: Failures,
         outage: Outage,
         queued: Callable[[int], None],
+        ownership: Ownership | None = None,
     ) -> None:
         self._nodes = nodes
         self._options = options
@@ -79,18 +81,23 @@ class Recovery:
         self._failures = failures
         self._outage = outage
         self._queued = queued
+        # With `ordered=True`: claims only in the partitions this consumer owns (their
+        # pending entries were taken over when it took them: see asyncstreams.ownership).
+        self._ownership = ownership
         self.first_pass_done = asyncio.Event()
         # With `key=`, the first pass also takes in what other consumers left idle (one
         # scan of the group's pending entries, as room allows): claimed entries then run
         # before the newer entries of their keys that the reader brings.
-        self._scanned = options.key is None
+        self._scanned = options.key is None or ownership is not None
         # Since the start: other consumers' idle entries claimed, and held entries renewed.
         self.claimed = 0
         self.renewed = 0
         self._claim_cursor = dict.fromkeys(options.names, b"0-0")
         # Where the first pass over this consumer's own pending entries goes on, per stream
         # (a stream is left out once done).
-        self._first_cursor: dict[str, bytes | str] = dict.fromkeys(options.names, "-")
+        self._first_cursor: dict[str, bytes | str] = (
+            {} if ownership is not None else dict.fromkeys(options.names, "-")
+        )
         self._retry_interval = min(max(options.retry_delay / 4, 0.01), 0.5)
         self._claim_interval = max(options.claim_idle_ms / 2000, 0.05)
         self._renew_interval = max(options.claim_idle_ms / 3000, 0.05)
@@ -171,12 +178,22 @@ class Recovery:
 
         return bool(await self._outage.ride(marked))
 
+    def _claimable(self) -> Sequence[str]:
+        """The streams whose pending entries this consumer may claim: all of them, or with
+        `ordered=True` the partitions it owns and has taken over."""
+        ownership = self._ownership
+        names = self._options.names
+        return names if ownership is None else ownership.readable_now(names)
+
     # -- this consumer's own pending entries ---------------------------------------------
 
     async def _retry_due(self) -> bool:
         """Claim back the retries the failure policy says are due, and move again what
         could not be moved to the dead-letter stream."""
+        ownership = self._ownership
         for stream, due in self._failures.due().items():
+            if ownership is not None and not ownership.valid(stream):
+                continue  # left to the partition's next owner
             ids = [entry_id for entry_id, _ in due]
             claimed = await _commands.claim(
                 self._nodes, stream, self._group, self._name, due, min_idle_ms=0
@@ -209,7 +226,7 @@ class Recovery:
         that never arrived, a connection cut mid-read), once idle for half of
         claim_idle_ms."""
         if self.first_pass_done.is_set():
-            for stream in self._options.names:
+            for stream in self._claimable():
                 start: bytes | str | None = "-"
                 while start is not None and self._ledger.room() > 0:
                     after = await self._sweep(
@@ -255,7 +272,7 @@ class Recovery:
             claimed = await _commands.claim(
                 self._nodes, stream, self._group, self._name, due, min_idle_ms=min_idle_ms
             )
-            await self._take_on(claimed)
+            await self.take_on(claimed)
             got = {entry[1] for entry in claimed}
             await self._drop_trimmed(stream, [p.id for p in taken if p.id not in got])
         if len(taken) < len(lost):
@@ -284,7 +301,7 @@ class Recovery:
             stream,
         )
 
-    async def _take_on(self, claimed: Sequence[Entry]) -> None:
+    async def take_on(self, claimed: Sequence[Entry]) -> None:
         """Run claimed entries, or dead-letter those out of deliveries (never run twice at
         once one that is held already)."""
         ledger = self._ledger
@@ -318,7 +335,7 @@ class Recovery:
         """One paced XAUTOCLAIM step per stream; True if the scan should go on soon."""
         ledger = self._ledger
         more = False
-        for stream in self._options.names:
+        for stream in self._claimable():
             room = min(ledger.room(), self._options.batch_size)
             if room < 1 or self._stopping or ledger.reads_paused:
                 return more
@@ -352,7 +369,7 @@ class Recovery:
                 )
                 # One not pending here any more (acked, or claimed by another meanwhile) is
                 # not ours to run.
-                await self._take_on(
+                await self.take_on(
                     [
                         entry(stream, entry_id, flat, counts[entry_id])
                         for entry_id, flat in claimed
