@@ -65,9 +65,7 @@ class Runs:
             assert [run[0] for run in by_start] == list(range(1, seqs + 1)), (key, by_start)
 
 
-async def produce(
-    client: aioredis.Redis, stream: Partitioned, keys: range, seqs: range
-) -> None:
+async def produce(client: aioredis.Redis, stream: Partitioned, keys: range, seqs: range) -> None:
     """seq `seqs` of every key of `keys`, each key to its partition."""
     async with client.pipeline(transaction=False) as pipe:
         for seq in seqs:
@@ -116,7 +114,8 @@ def test_assign_is_balanced_and_the_same_for_the_same_members() -> None:
     owners = assign(streams, members)
     assert owners == assign(streams, list(reversed(members)))
     loads = sorted(list(owners.values()).count(m) for m in members)
-    assert loads[-1] <= 6 and sum(loads) == 16, loads
+    assert loads[-1] <= 6, loads
+    assert sum(loads) == 16
     assert assign(streams, []) == {}
     assert set(assign(streams, ["a"]).values()) == {"a"}
 
@@ -137,7 +136,7 @@ def test_a_member_joining_moves_few_partitions() -> None:
 def test_ordered_needs_one_partitioned_stream_and_a_key() -> None:
     with pytest.raises(ConfigurationError, match="expected one Partitioned stream, got 'plain'"):
         ConsumerOptions("plain", group="g", key="k", ordered=True)
-    with pytest.raises(ConfigurationError, match="expected key= .* found none"):
+    with pytest.raises(ConfigurationError, match=r"expected key= .* found none"):
         ConsumerOptions(Partitioned("orders", 4), group="g", ordered=True)
     with pytest.raises(ConfigurationError, match=r"lease_ms must be at least 300 \(.*\), got 100"):
         ConsumerOptions(Partitioned("orders", 4), group="g", key="k", ordered=True, lease_ms=100)
@@ -206,7 +205,8 @@ async def test_a_consumer_joining_and_one_leaving_hand_partitions_over_in_order(
     runs.check(40, seqs)
     said = [r.getMessage() for r in caplog.records]
     handed = [line for line in said if "handed partition" in line]
-    assert len(handed) == 2 and all(first_name in line for line in handed), said
+    assert len(handed) == 2, said
+    assert all(first_name in line for line in handed), said
     released = [line for line in said if "released partition" in line and second_name in line]
     assert len(released) == 2, said  # back to the first, at the second's stop
 
