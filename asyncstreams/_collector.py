@@ -164,6 +164,8 @@ _CONSUMER_METRICS: tuple[tuple[str, _Family, str, str], ...] = (
      "With key=: keys held by an entry queued, running or waiting for a retry (else 0)"),
     ("waiting_behind_keys", GaugeMetricFamily, "asyncstreams_consumer_waiting_behind_keys",
      "With key=: entries the consumer holds that wait behind an earlier entry of their key"),
+    ("partitions_owned", GaugeMetricFamily, "asyncstreams_consumer_partitions_owned",
+     "With ordered=True: partitions whose lease the consumer holds now (else 0)"),
 )  # fmt: skip
 # Per stream and group, from the group figures: (attribute, name, help).
 _GROUP_METRICS = (

@@ -83,6 +83,7 @@ class Figures:
     limit: int  # the bound on `in_flight`
     keys_held: int = 0  # with `key=`: keys held by an entry queued, running or retrying
     waiting_behind_keys: int = 0  # with `key=`: entries held that wait behind their key
+    partitions_owned: int = 0  # with `ordered=True`: partitions whose lease it holds
 
 
 class Consumer:
@@ -312,6 +313,7 @@ class Consumer:
             limit=ledger.limit,
             keys_held=ledger.keys_held if isinstance(ledger, KeyedLedger) else 0,
             waiting_behind_keys=ledger.waiting if isinstance(ledger, KeyedLedger) else 0,
+            partitions_owned=len(self.ownership.until) if self.ownership is not None else 0,
         )
 
     @property

@@ -14,7 +14,10 @@ and its delivery counters, so the bounds hold across processes and restarts:
   consumer crashed or hangs). It scans up to 10 x COUNT PEL entries per call, so the scan
   is paced: a call every `claim_idle_ms / 2`, sooner only while it finds work. With `key=`,
   one whole scan (unpaced, as room allows) also comes before the first read, so that what
-  a crashed consumer left runs before the newer entries of its keys.
+  a crashed consumer left runs before the newer entries of its keys. With `ordered=True`,
+  claims (these and the next) are only in the partitions the consumer owns, and retries
+  only while it owns their partition: taking a partition over claims its pending entries
+  first (asyncstreams.ownership).
 - Renewal. Entries this consumer holds (every state of the ledger) get their idle time reset
   every `claim_idle_ms / 3` with XCLAIM ... JUSTID, which counts no delivery: a slow
   handler's entry, or one waiting out a long backoff, is never claimed away from a consumer

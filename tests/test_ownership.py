@@ -242,9 +242,11 @@ async def test_a_lost_lease_stops_the_consumer_starting_anything_of_the_partitio
     app = ordered_app(redis_url, stream, names, runs)
     async with app:
         await eventually(lambda: _true(len(owned(app)) == 1), timeout=10, what="the partition")
+        assert consumer_of(app).figures().partitions_owned == 1
         # Another consumer took the lease (a failover lost it, say).
         await client.set(lease_key(partition, names.group), "usurper", px=60_000)
         await eventually(lambda: _true(not owned(app)), timeout=5, what="the lease lost")
+        assert consumer_of(app).figures().partitions_owned == 0
         await produce(client, stream, range(5), range(1, 3))
         await anyio.sleep(LEASE_MS / 1000)
         assert runs.count == 0
@@ -253,3 +255,26 @@ async def test_a_lost_lease_stops_the_consumer_starting_anything_of_the_partitio
         await client.delete(lease_key(partition, names.group))
         await eventually(lambda: _true(runs.count == 10), timeout=10, what="10 runs")
     runs.check(5, 2)
+
+
+async def test_a_batch_handler_keeps_each_key_in_order_across_two_consumers(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    stream = Partitioned(names.stream, 2)
+    runs = Runs()
+
+    async def load(events: list[Event], msgs: list[Message]) -> None:
+        start = time.monotonic()
+        await anyio.sleep(0.002)
+        for event, msg in zip(events, msgs, strict=True):
+            runs.runs[event.account].append((event.seq, msg.consumer, start, time.monotonic()))
+
+    apps = [App(redis_url) for _ in range(2)]
+    for app in apps:
+        app.consumer(
+            stream, group=names.group, key="account", ordered=True, lease_ms=LEASE_MS, batch_size=50
+        )(load)
+    await produce(client, stream, range(50), range(1, 5))
+    async with apps[0], apps[1]:
+        await eventually(lambda: _true(runs.count == 200), timeout=30, what="200 runs")
+    runs.check(50, 4)

@@ -121,6 +121,7 @@ async def test_names_and_labels_before_and_while_running(
         "asyncstreams_consumer_limit",
         "asyncstreams_consumer_keys_held",
         "asyncstreams_consumer_waiting_behind_keys",
+        "asyncstreams_consumer_partitions_owned",
     ):
         assert named(running, name) == [consumer], name
     assert value(running, "asyncstreams_received_total", **consumer) == 20
