@@ -80,7 +80,7 @@ class ConsumerOptions:
         default=10_000,
         metadata=_doc(
             "with `ordered=True`: how long a partition's owner keeps it without renewing "
-            "(it renews every third of it); a crashed owner's partitions move after this"
+            "(it renews every quarter of it); a crashed owner's partitions move after this"
         ),
     )
     batch_size: int = field(
@@ -276,7 +276,7 @@ class ConsumerOptions:
             )
         if self.lease_ms < 300:
             raise ConfigurationError(
-                f"{owner}: lease_ms must be at least 300 (it is renewed every third of it), "
+                f"{owner}: lease_ms must be at least 300 (it is renewed every quarter of it), "
                 f"got {self.lease_ms}"
             )
 

@@ -6,7 +6,7 @@ Everything is decided through Redis, by two kinds of keys:
 
 - The members: a sorted set per stream and group (`{orders}:members:billing`), each live
   consumer scored with when it stops counting (Redis' clock plus `lease_ms`), refreshed
-  every third of `lease_ms`. Every consumer reads the same list, and computes the same
+  every quarter of `lease_ms`. Every consumer reads the same list, and computes the same
   assignment from it (`assign`): each member wants about `partitions / members`.
 - The leases: one key per partition in the partition's own hash slot
   (`{orders:3:0}:owner:billing`), holding its owner's consumer name, with `lease_ms` to
@@ -26,13 +26,14 @@ A partition changes hands in these steps:
 
 Safety rests on the leases alone; the members list only balances. An owner counts its
 lease as valid until the time it sent its last successful renewal plus `lease_ms`, less a
-third of it (so that a renewal lost in a failover does not matter); past that it starts
+quarter of it (renewals go every quarter: so a renewal lost in a failover does not matter,
+and two in a row may fail without losing the lease); past that it starts
 nothing more of the partition: no read, no handler (checked before each read and each
 handler call), and it drops what it had not started. Redis expires the lease only later.
 The worst case is a handler that was already running when its owner lost the lease: a
 process paused (SIGSTOP, a VM stall) longer than the lease finishes, when it resumes, the
 handlers it was running, while the new owner runs those entries again. Losing more than one
-renewal in a failover (replication lagging by more than a third of `lease_ms`) may likewise
+renewal in a failover (replication lagging by more than a quarter of `lease_ms`) may likewise
 let a new owner start while the old one still runs for up to that lag.
 """
 
@@ -43,13 +44,15 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
 
 from . import _commands
 from ._nodes import Nodes
-from ._transport import explain, is_transient
+from ._transport import explain, refuses
 from .codec import Invoke, InvokeBatch
-from .errors import DecodeError
+from .errors import DecodeError, RedisRefusedError
 from .failures import LeaseLost
 from .ledger import Ledger
 from .message import Entry
@@ -57,6 +60,7 @@ from .options import ConsumerOptions
 from .partitions import Partitioned
 
 log = logging.getLogger("asyncstreams.ownership")
+T = TypeVar("T")
 
 # How often an owner looks again while a hand-over or a take-over is in progress, or while
 # it waits for a partition another owner still holds.
@@ -162,7 +166,8 @@ class Ownership:
         self._streams = partitioned.streams
         self._members_key = members_key(partitioned, options.group)
         self._lease_ms = options.lease_ms
-        self.interval = options.lease_ms / 3000
+        # Members refreshed and leases renewed every quarter of `lease_ms`.
+        self.interval = options.lease_ms / 4000
         # Owned partitions, and until when (time.monotonic()) their lease counts as valid.
         self.until: dict[str, float] = {}
         # Owned partitions being taken over: where their pending entries' claim goes on.
@@ -230,34 +235,24 @@ class Ownership:
         """Keep the members list, the leases and the hand-overs going until cancelled."""
         while True:
             started = time.monotonic()
-            try:
-                await self.step()
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("%s: partition ownership: %s; trying again", self._where, explain(exc))
+            await self.step()
             busy = self._taking or self._handing or self._wanted
             pause = STEP if busy else self.interval
             await asyncio.sleep(max(0.0, started + pause - time.monotonic()))
 
     async def step(self) -> None:
-        """One round: the members, the renewals, then what to hand over and take."""
+        """One round: the members and the renewals (every `interval`), then what to lose,
+        hand over and take. A Redis error stops only the part it happened in (a full Redis
+        refuses to refresh the members, not to renew the leases); a refusal (ACL) stops the
+        consumer."""
         now = time.monotonic()
         closed = self._ledger.closed
         if now >= self._next_beat:
-            self.members = await self._beat(self._lease_ms)
             self._next_beat = now + self.interval
-            wanted = {
-                stream
-                for stream, owner in assign(self._streams, self.members).items()
-                if owner == self._name
-            }
-            self._wanted = {
-                s: self._wanted.get(s, now) for s in wanted if s not in self.until and not closed
-            }
-            for stream in self.until:
-                if stream not in wanted and stream not in self._handing:
-                    self._hand_over(stream)
+            members = await self._attempt("refreshing the members", self._beat(self._lease_ms))
+            if members is not None:
+                self.members = members
+                self._plan(now, closed)
             await asyncio.gather(*(self._renew(stream) for stream in list(self.until)))
         for stream in list(self.until):
             if not self.valid(stream):
@@ -266,12 +261,44 @@ class Ownership:
             if stream not in self.until and self._ledger.ids(stream):
                 self._drop(stream)  # a read that was in flight when the lease was lost
         for stream in list(self._handing):
-            await self._hand_over_step(stream)
+            await self._attempt(f"handing {stream} over", self._hand_over_step(stream))
         for stream in list(self._taking):
-            await self._take_over_step(stream)
+            await self._attempt(f"taking {stream} over", self._take_over_step(stream))
         if not closed:
             for stream in [s for s in self._wanted if s not in self.until]:
-                await self._acquire(stream)
+                await self._attempt(f"taking the lease of {stream}", self._acquire(stream))
+
+    def _plan(self, now: float, closed: bool) -> None:
+        """From the members: the partitions to take, and those to hand over."""
+        wanted = {
+            stream
+            for stream, owner in assign(self._streams, self.members).items()
+            if owner == self._name
+        }
+        self._wanted = {
+            s: self._wanted.get(s, now) for s in wanted if s not in self.until and not closed
+        }
+        for stream in self.until:
+            if stream not in wanted and stream not in self._handing:
+                self._hand_over(stream)
+
+    async def _attempt(self, what: str, call: Awaitable[T]) -> T | None:
+        """`call`'s result; None if Redis failed it (logged: the next round tries again)."""
+        try:
+            return await call
+        except (RedisError, OSError) as exc:
+            if refuses(exc):
+                raise RedisRefusedError(
+                    f"{self._where}: partition ownership (ordered=True): {what} was refused "
+                    f"({exc}); expected +eval and the commands its scripts run in the ACL"
+                ) from None
+            log.warning(
+                "%s: partition ownership: %s failed (%s); trying again",
+                self._where,
+                what,
+                explain(exc),
+            )
+            return None
 
     async def _beat(self, ttl: int) -> list[str]:
         reply = await self._nodes.raw(
@@ -289,24 +316,13 @@ class Ownership:
 
     def _counted(self, sent: float) -> float:
         """Until when a lease renewed by a call sent at `sent` counts here."""
-        return sent + (self._lease_ms - self._lease_ms / 3) / 1000
+        return sent + self._lease_ms * 3 / 4000
 
     async def _renew(self, stream: str) -> None:
         sent = time.monotonic()
-        try:
-            renewed = await self._lease(stream, take=False)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning(
-                "%s: could not renew the lease of partition %s: %s",
-                self._where,
-                stream,
-                explain(exc),
-            )
-            return  # it counts until it runs out
-        if stream not in self.until:
-            return  # lost meanwhile
+        renewed = await self._attempt(f"renewing the lease of {stream}", self._lease(stream, False))
+        if renewed is None or stream not in self.until:
+            return  # it counts until it runs out; or it was lost meanwhile
         if renewed:
             self.until[stream] = self._counted(sent)
         else:
@@ -412,8 +428,8 @@ class Ownership:
             await _commands.give_back(
                 self._nodes, stream, self._group, self._name, [(i, 0, n) for i, _, n in left]
             )
-        except Exception as exc:
-            if not is_transient(exc):
+        except (RedisError, OSError) as exc:
+            if refuses(exc):
                 raise
             # Left as they are: pending here, delivered once more than they ran.
         ledger.given_back(stream, [entry_id for entry_id, _, _ in left])

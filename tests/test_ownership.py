@@ -25,7 +25,7 @@ from asyncstreams.options import ConsumerOptions
 from asyncstreams.ownership import assign, lease_key
 
 from .conftest import Names
-from .helpers import eventually
+from .helpers import eventually, own_server
 
 pytestmark = pytest.mark.anyio
 
@@ -278,3 +278,32 @@ async def test_a_batch_handler_keeps_each_key_in_order_across_two_consumers(
     async with apps[0], apps[1]:
         await eventually(lambda: _true(runs.count == 200), timeout=30, what="200 runs")
     runs.check(50, 4)
+
+
+async def test_a_full_redis_keeps_the_owner_and_its_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis out of memory refuses a new lease (SET), not a renewal (PEXPIRE) nor the
+    members' refresh (its first write, ZREMRANGEBYSCORE, is not refused, and a script that
+    wrote goes on): the owner keeps its partition through it, and runs what comes after."""
+    caplog.set_level(logging.WARNING, "asyncstreams.ownership")
+    server = own_server("--maxmemory-policy", "noeviction").start()
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        stream = Partitioned("accounts", 1)
+        runs = Runs()
+        app = ordered_app(server.url, stream, Names("full"), runs)
+        async with app:
+            await eventually(lambda: _true(len(owned(app)) == 1), what="the partition")
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory", used // 2)
+            await anyio.sleep(LEASE_MS / 1000 * 2)
+            assert len(owned(app)) == 1
+            assert not any("lost partition" in r.getMessage() for r in caplog.records)
+            await client.config_set("maxmemory", 0)
+            await produce(client, stream, range(5), range(1, 3))
+            await eventually(lambda: _true(runs.count == 10), what="10 runs")
+        runs.check(5, 2)
+    finally:
+        await client.aclose()
+        server.close()
