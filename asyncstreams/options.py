@@ -279,6 +279,12 @@ class ConsumerOptions:
                 f"{owner}: lease_ms must be at least 300 (it is renewed every quarter of it), "
                 f"got {self.lease_ms}"
             )
+        if self.block_ms * 4 > self.lease_ms:
+            raise ConfigurationError(
+                f"{owner}: with ordered=True, block_ms must be at most a quarter of lease_ms "
+                f"(a read must end before the lease can move), got block_ms={self.block_ms} "
+                f"and lease_ms={self.lease_ms}"
+            )
 
     @property
     def partitioned(self) -> Partitioned | None:

@@ -29,7 +29,10 @@ lease as valid until the time it sent its last successful renewal plus `lease_ms
 quarter of it (renewals go every quarter: so a renewal lost in a failover does not matter,
 and two in a row may fail without losing the lease); past that it starts
 nothing more of the partition: no read, no handler (checked before each read and each
-handler call), and it drops what it had not started. Redis expires the lease only later.
+handler call), and it drops what it had not started. Redis expires the lease only later,
+after any read the old owner sent has ended (`block_ms` is at most a quarter of
+`lease_ms`), so whatever Redis delivered to the old owner is pending by the time a new
+owner lists the partition's pending entries to take them over.
 The worst case is a handler that was already running when its owner lost the lease: a
 process paused (SIGSTOP, a VM stall) longer than the lease finishes, when it resumes, the
 handlers it was running, while the new owner runs those entries again. Losing more than one

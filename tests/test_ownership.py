@@ -272,7 +272,13 @@ async def test_a_batch_handler_keeps_each_key_in_order_across_two_consumers(
     apps = [App(redis_url) for _ in range(2)]
     for app in apps:
         app.consumer(
-            stream, group=names.group, key="account", ordered=True, lease_ms=LEASE_MS, batch_size=50
+            stream,
+            group=names.group,
+            key="account",
+            ordered=True,
+            lease_ms=LEASE_MS,
+            batch_size=50,
+            block_ms=200,
         )(load)
     await produce(client, stream, range(50), range(1, 5))
     async with apps[0], apps[1]:
@@ -307,3 +313,11 @@ async def test_a_full_redis_keeps_the_owner_and_its_lease(
     finally:
         await client.aclose()
         server.close()
+
+
+def test_a_read_must_end_before_the_lease_can_move() -> None:
+    with pytest.raises(ConfigurationError, match="block_ms must be at most a quarter of lease_ms"):
+        ConsumerOptions(
+            Partitioned("orders", 4), group="g", key="k", ordered=True, lease_ms=4000, block_ms=1001
+        )
+    ConsumerOptions(Partitioned("orders", 4), group="g", key="k", ordered=True, lease_ms=8000)
