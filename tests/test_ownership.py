@@ -12,6 +12,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -75,7 +76,14 @@ async def produce(client: aioredis.Redis, stream: Partitioned, keys: range, seqs
         await pipe.execute()
 
 
-def ordered_app(redis_url: str, stream: Partitioned, names: Names, runs: Runs) -> App:
+def ordered_app(
+    redis_url: str,
+    stream: Partitioned,
+    names: Names,
+    runs: Runs,
+    handler: Callable[..., Awaitable[None]] | None = None,
+) -> App:
+    """An app of one consumer of `stream`, ordered by account (`runs.handle` by default)."""
     app = App(redis_url)
     app.consumer(
         stream,
@@ -86,7 +94,7 @@ def ordered_app(redis_url: str, stream: Partitioned, names: Names, runs: Runs) -
         concurrency=16,
         batch_size=20,
         block_ms=200,
-    )(runs.handle)
+    )(handler or runs.handle)
     return app
 
 
@@ -269,17 +277,7 @@ async def test_a_batch_handler_keeps_each_key_in_order_across_two_consumers(
         for event, msg in zip(events, msgs, strict=True):
             runs.runs[event.account].append((event.seq, msg.consumer, start, time.monotonic()))
 
-    apps = [App(redis_url) for _ in range(2)]
-    for app in apps:
-        app.consumer(
-            stream,
-            group=names.group,
-            key="account",
-            ordered=True,
-            lease_ms=LEASE_MS,
-            batch_size=50,
-            block_ms=200,
-        )(load)
+    apps = [ordered_app(redis_url, stream, names, runs, load) for _ in range(2)]
     await produce(client, stream, range(50), range(1, 5))
     async with apps[0], apps[1]:
         await eventually(lambda: _true(runs.count == 200), timeout=30, what="200 runs")
