@@ -213,7 +213,7 @@ class Consumer:
             ledger=self.ledger,
             take_on=lambda claimed: self._recovery.take_on(claimed),
             changed=self._ownership_changed,
-            reading=self._reading_now.__contains__,
+            busy=lambda stream: stream in self._reading_now or stream in self._recovery.claiming,
         )
 
     def _ownership_changed(self) -> None:
@@ -353,6 +353,8 @@ class Consumer:
                 if not is_transient(exc):
                     raise
                 await self._outage.ride(self.ensure_groups)
+            if self.ownership is not None:
+                await self.ownership.prepare()
 
     async def ensure_groups(self) -> int:
         """Create the group on each stream where it is missing (MKSTREAM; BUSYGROUP is fine);
@@ -415,7 +417,7 @@ class Consumer:
                     self._reading_now.update(only)
                 try:
                     entries = await self._outage.ride(
-                        lambda: reader.read(count, block=block, only=only)  # noqa: B023
+                        lambda: self._read(reader, count, block, only)  # noqa: B023
                     )
                 finally:
                     ledger.read_ended(kept)
@@ -440,6 +442,17 @@ class Consumer:
                 self._reader_done.set()
             with anyio.CancelScope(shield=True):
                 await reader.close()
+
+    async def _read(
+        self, reader: GroupReader, count: int, block: bool, only: list[str] | None
+    ) -> list[Entry]:
+        """One read; with `ordered=True`, of the partitions still owned (a read sent again
+        after an outage checks the leases again)."""
+        if only is not None and self.ownership is not None:
+            only = self.ownership.readable_now(only)
+            if not only:
+                return []
+        return await reader.read(count, block=block, only=only)
 
     async def _recover(self) -> None:
         try:

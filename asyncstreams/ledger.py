@@ -381,8 +381,13 @@ class Ledger:
         """Retries `asked` were claimed back: those `claimed` are queued again (each a new
         delivery); the rest are no longer pending here (deleted, or acked by hand)."""
         retries = self._retries[stream]
-        for entry_id in asked:
-            del retries[entry_id]
+        # Those dropped meanwhile (a partition handed over or lost, with `ordered=True`)
+        # are not this consumer's to run: left pending, for the partition's owner.
+        still = [entry_id for entry_id in asked if retries.pop(entry_id, None) is not None]
+        if len(still) < len(asked):
+            kept = set(still)
+            claimed = [entry for entry in claimed if entry[1] in kept]
+        asked = still
         back = {entry[1] for entry in claimed}
         self._release(stream, [entry_id for entry_id in asked if entry_id not in back])
         if claimed:

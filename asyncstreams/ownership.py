@@ -47,13 +47,16 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
+import anyio
+import anyio.abc
 from redis.exceptions import RedisError
 
 from . import _commands
 from ._nodes import Nodes
-from ._transport import explain, refuses
+from ._transport import REFUSALS, explain, refuses
 from .codec import Invoke, InvokeBatch
 from .errors import DecodeError, RedisRefusedError
 from .failures import LeaseLost
@@ -84,7 +87,9 @@ if ttl == 0 then
   redis.call('ZREM', KEYS[1], ARGV[1])
 else
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  if redis.call('PTTL', KEYS[1]) < ttl * 2 then
+    redis.call('PEXPIRE', KEYS[1], ttl * 2)
+  end
 end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
@@ -98,6 +103,9 @@ if owner == ARGV[1] then
   return 1
 end
 if not owner and ARGV[3] == '1' then
+  -- A first write a full Redis does not refuse (a no-op here): a script that wrote goes
+  -- on, so a lease is taken while Redis is full too (the stream must drain to free it).
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 2
 end
@@ -156,7 +164,7 @@ class Ownership:
         ledger: Ledger,
         take_on: Callable[[Sequence[Entry]], Awaitable[None]],
         changed: Callable[[], None],
-        reading: Callable[[str], bool],
+        busy: Callable[[str], bool],
     ) -> None:
         self._nodes = nodes
         self._group = options.group
@@ -165,7 +173,8 @@ class Ownership:
         self._ledger = ledger
         self._take_on = take_on
         self._changed = changed
-        self._reading = reading
+        # Whether a read, or a retry's claim, is on its way for a stream.
+        self._busy = busy
         self._streams = partitioned.streams
         self._members_key = members_key(partitioned, options.group)
         self._lease_ms = options.lease_ms
@@ -184,6 +193,8 @@ class Ownership:
         self.readable: set[str] = set()
         self.members: list[str] = []
         self._next_beat = 0.0
+        # The members' refresh and the renewals on their way ("members", or a stream).
+        self._running: set[str] = set()
         self._left = False
 
     # -- what is owned -----------------------------------------------------------------
@@ -234,29 +245,55 @@ class Ownership:
 
     # -- the task --------------------------------------------------------------------------
 
+    async def prepare(self) -> None:
+        """Join the members at start: an ACL that refuses the scripts is a RedisRefusedError
+        then (an outage is ridden out by the task)."""
+        self.members = await self._attempt("joining the members", self._beat(self._lease_ms)) or []
+
     async def run(self) -> None:
-        """Keep the members list, the leases and the hand-overs going until cancelled."""
-        while True:
-            started = time.monotonic()
-            await self.step()
-            busy = self._taking or self._handing or self._wanted
-            pause = STEP if busy else self.interval
-            await asyncio.sleep(max(0.0, started + pause - time.monotonic()))
+        """Keep the members list, the leases and the hand-overs going until cancelled.
+
+        The members' refresh and each lease's renewal run as tasks of their own (one at a
+        time each), every `interval`: a master that hangs holds up only its own leases."""
+        async with anyio.create_task_group() as tasks:
+            while True:
+                started = time.monotonic()
+                if started >= self._next_beat:
+                    self._next_beat = started + self.interval
+                    self._start("members", tasks, self._refresh)
+                    for stream in self.until:
+                        self._start(stream, tasks, partial(self._renew, stream))
+                await self.step()
+                busy = self._taking or self._handing or self._wanted
+                pause = STEP if busy else self.interval
+                await asyncio.sleep(max(0.0, started + pause - time.monotonic()))
+
+    def _start(
+        self, name: str, tasks: anyio.abc.TaskGroup, call: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run `call` in `tasks` unless the last one of `name` is still on its way."""
+        if name in self._running:
+            return
+        self._running.add(name)
+
+        async def once() -> None:
+            try:
+                await call()
+            finally:
+                self._running.discard(name)
+
+        tasks.start_soon(once)
+
+    async def _refresh(self) -> None:
+        members = await self._attempt("refreshing the members", self._beat(self._lease_ms))
+        if members is not None:
+            self.members = members
+            self._plan(time.monotonic(), self._ledger.closed)
 
     async def step(self) -> None:
-        """One round: the members and the renewals (every `interval`), then what to lose,
-        hand over and take. A Redis error stops only the part it happened in (a full Redis
-        refuses to refresh the members, not to renew the leases); a refusal (ACL) stops the
-        consumer."""
-        now = time.monotonic()
+        """One round: what to lose, hand over and take. A Redis error stops only the part it
+        happened in; a refusal (ACL) stops the consumer."""
         closed = self._ledger.closed
-        if now >= self._next_beat:
-            self._next_beat = now + self.interval
-            members = await self._attempt("refreshing the members", self._beat(self._lease_ms))
-            if members is not None:
-                self.members = members
-                self._plan(now, closed)
-            await asyncio.gather(*(self._renew(stream) for stream in list(self.until)))
         for stream in list(self.until):
             if not self.valid(stream):
                 self._lose(stream, "its lease was not renewed in time")
@@ -290,7 +327,7 @@ class Ownership:
         try:
             return await call
         except (RedisError, OSError) as exc:
-            if refuses(exc):
+            if isinstance(exc, REFUSALS) or "can't run this command" in str(exc):
                 raise RedisRefusedError(
                     f"{self._where}: partition ownership (ordered=True): {what} was refused "
                     f"({exc}); expected +eval and the commands its scripts run in the ACL"
@@ -327,7 +364,7 @@ class Ownership:
         if renewed is None or stream not in self.until:
             return  # it counts until it runs out; or it was lost meanwhile
         if renewed:
-            self.until[stream] = self._counted(sent)
+            self.until[stream] = max(self.until[stream], self._counted(sent))
         else:
             self._lose(stream, "its lease has another owner")
 
@@ -345,10 +382,10 @@ class Ownership:
     async def _take_over_step(self, stream: str) -> None:
         """Claim a page of the partition's pending entries (every consumer's), in id order,
         as many as the bound allows; once none are left, the partition is read."""
-        if not self.valid(stream):
-            return
+        start = self._taking.get(stream)
+        if start is None or not self.valid(stream):
+            return  # handed over or lost since the round began
         ledger = self._ledger
-        start = self._taking[stream]
         room = ledger.room()
         if room < 1 or ledger.closed:
             return
@@ -371,8 +408,11 @@ class Ownership:
                 [(p.id, p.deliveries) for p in fresh],
                 min_idle_ms=0,
             )
-            self._claimed[stream] += len(claimed)
+            self._claimed[stream] = self._claimed.get(stream, 0) + len(claimed)
             await self._take_on(claimed)
+        if stream not in self._taking:
+            return  # handed over or lost meanwhile (the members' refresh and the renewals
+            # run beside this): what was claimed is given back or dropped with the rest
         if len(page) < min(room, PAGE):
             del self._taking[stream]
             self.readable.add(stream)
@@ -400,16 +440,17 @@ class Ownership:
     async def _hand_over_step(self, stream: str) -> None:
         """Give back what is not started; once nothing of `stream` is held and no read of
         it is in flight, delete the lease."""
-        if stream not in self.until:
-            self._handing.pop(stream, None)
-            return
+        if stream not in self._handing:
+            return  # lost since the round began
         await self._give_back(stream)
-        if self._ledger.ids(stream) or self._reading(stream):
-            return
-        key = lease_key(stream, self._group)
-        await self._nodes.raw(key, "EVAL", _RELEASE, 1, key, self._name)
+        if stream not in self._handing or self._ledger.ids(stream) or self._busy(stream):
+            return  # lost meanwhile, or not done with yet
+        # Not owned from here on, before the lease goes (a renewal on its way then finds
+        # it gone, and leaves it be); should the delete fail, the lease runs out instead.
         since = self._handing.pop(stream)
         del self.until[stream]
+        key = lease_key(stream, self._group)
+        await self._nodes.raw(key, "EVAL", _RELEASE, 1, key, self._name)
         log.info(
             "%s: handed partition %s over in %.0f ms",
             self._where,
@@ -420,11 +461,7 @@ class Ownership:
     async def _give_back(self, stream: str) -> None:
         """Leave to the group what is held of `stream` and not started (the next owner
         claims it); parked entries too (left pending, as they are)."""
-        ledger = self._ledger
-        left = ledger.leave(stream).get(stream, [])
-        parked = list(ledger.parked(stream))
-        if parked:
-            ledger.unpark(stream, parked)
+        left = self._drop(stream)  # before any await: no worker starts one meanwhile
         if not left:
             return
         try:
@@ -435,7 +472,6 @@ class Ownership:
             if refuses(exc):
                 raise
             # Left as they are: pending here, delivered once more than they ran.
-        ledger.given_back(stream, [entry_id for entry_id, _, _ in left])
 
     def _lose(self, stream: str, why: str) -> None:
         """The lease no longer counts: nothing more of `stream` starts here; what was not
@@ -487,7 +523,7 @@ class Ownership:
                     explain(exc),
                     self._lease_ms,
                 )
-                return
+                continue
             del self.until[stream]
             log.info("%s: released partition %s at stop", self._where, stream)
         try:

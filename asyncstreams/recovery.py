@@ -87,6 +87,8 @@ class Recovery:
         # With `ordered=True`: claims only in the partitions this consumer owns (their
         # pending entries were taken over when it took them: see asyncstreams.ownership).
         self._ownership = ownership
+        # The streams a retry's XCLAIM is on its way for (a hand-over waits for it).
+        self.claiming: set[str] = set()
         self.first_pass_done = asyncio.Event()
         # With `key=`, the first pass also takes in what other consumers left idle (one
         # scan of the group's pending entries, as room allows): claimed entries then run
@@ -198,9 +200,13 @@ class Recovery:
             if ownership is not None and not ownership.valid(stream):
                 continue  # left to the partition's next owner
             ids = [entry_id for entry_id, _ in due]
-            claimed = await _commands.claim(
-                self._nodes, stream, self._group, self._name, due, min_idle_ms=0
-            )
+            self.claiming.add(stream)
+            try:
+                claimed = await _commands.claim(
+                    self._nodes, stream, self._group, self._name, due, min_idle_ms=0
+                )
+            finally:
+                self.claiming.discard(stream)
             # Into the ledger before anything else is awaited: were the step run again, an
             # entry claimed here must not be claimed (and its delivery counted) once more.
             self._ledger.rerun(stream, claimed, ids)
