@@ -195,6 +195,8 @@ class Ownership:
         self._next_beat = 0.0
         # The members' refresh and the renewals on their way ("members", or a stream).
         self._running: set[str] = set()
+        # Set when the members' refresh finds partitions to take or to hand over.
+        self._wake = asyncio.Event()
         self._left = False
 
     # -- what is owned -----------------------------------------------------------------
@@ -266,7 +268,9 @@ class Ownership:
                 await self.step()
                 busy = self._taking or self._handing or self._wanted
                 pause = STEP if busy else self.interval
-                await asyncio.sleep(max(0.0, started + pause - time.monotonic()))
+                self._wake.clear()
+                with anyio.move_on_after(max(0.0, started + pause - time.monotonic())):
+                    await self._wake.wait()  # the members' refresh found work
 
     def _start(
         self, name: str, tasks: anyio.abc.TaskGroup, call: Callable[[], Awaitable[None]]
@@ -321,6 +325,8 @@ class Ownership:
         for stream in self.until:
             if stream not in wanted and stream not in self._handing:
                 self._hand_over(stream)
+        if self._wanted or self._handing:
+            self._wake.set()
 
     async def _attempt(self, what: str, call: Awaitable[T]) -> T | None:
         """`call`'s result; None if Redis failed it (logged: the next round tries again)."""
