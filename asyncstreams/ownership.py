@@ -178,6 +178,13 @@ class Ownership:
         self._streams = partitioned.streams
         self._members_key = members_key(partitioned, options.group)
         self._lease_ms = options.lease_ms
+        # The delivery count at which an entry is parked (no dead-letter stream); else None.
+        self._parked_at = (
+            options.max_deliveries
+            if options.max_deliveries is not None
+            and options.dead_letter_stream(partitioned.streams[0], cluster=nodes.cluster) is None
+            else None
+        )
         # Members refreshed and leases renewed every quarter of `lease_ms`.
         self.interval = options.lease_ms / 4000
         # Owned partitions, and until when (time.monotonic()) their lease counts as valid.
@@ -404,7 +411,14 @@ class Ownership:
             start=start,
             count=min(room, PAGE),
         )
-        fresh = [p for p in page if not ledger.holds(stream, p.id)]
+        # Entries out of deliveries with no dead-letter stream stay where they are, parked
+        # (claimed, each hand-over would count a delivery and log them again).
+        spent = self._parked_at
+        fresh = [
+            p
+            for p in page
+            if not ledger.holds(stream, p.id) and (spent is None or p.deliveries < spent)
+        ]
         if fresh:
             claimed = await _commands.claim(
                 self._nodes,

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import msgspec
@@ -82,19 +83,20 @@ def ordered_app(
     names: Names,
     runs: Runs,
     handler: Callable[..., Awaitable[None]] | None = None,
+    **options: Any,
 ) -> App:
     """An app of one consumer of `stream`, ordered by account (`runs.handle` by default)."""
     app = App(redis_url)
-    app.consumer(
-        stream,
-        group=names.group,
-        key="account",
-        ordered=True,
-        lease_ms=LEASE_MS,
-        concurrency=16,
-        batch_size=20,
-        block_ms=200,
-    )(handler or runs.handle)
+    settings: dict[str, Any] = {
+        "concurrency": 16,
+        "batch_size": 20,
+        "block_ms": 200,
+        "lease_ms": LEASE_MS,
+        **options,
+    }
+    app.consumer(stream, group=names.group, key="account", ordered=True, **settings)(
+        handler or runs.handle
+    )
     return app
 
 
@@ -319,3 +321,24 @@ def test_a_read_must_end_before_the_lease_can_move() -> None:
             Partitioned("orders", 4), group="g", key="k", ordered=True, lease_ms=4000, block_ms=1001
         )
     ConsumerOptions(Partitioned("orders", 4), group="g", key="k", ordered=True, lease_ms=8000)
+
+
+async def test_a_parked_entry_is_not_taken_over(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """Without a dead-letter stream, an entry out of deliveries stays pending where it is:
+    taking its partition over neither claims it (a delivery more) nor runs it."""
+    stream = Partitioned(names.stream, 1)
+    (partition,) = stream.streams
+    await client.xgroup_create(partition, names.group, id="0", mkstream=True)
+    await produce(client, stream, range(1), range(1, 2))
+    await client.xreadgroup(names.group, "dead", {partition: ">"})
+    await produce(client, stream, range(1, 4), range(1, 3))
+    runs = Runs()
+    app = ordered_app(redis_url, stream, names, runs, dead_letter=None, max_deliveries=1)
+    async with app:
+        await eventually(lambda: _true(runs.count == 6), timeout=10, what="6 runs")
+    (parked,) = await client.xpending_range(partition, names.group, "-", "+", 10)
+    assert parked["consumer"] == "dead"
+    assert parked["times_delivered"] == 1
+    assert "acct-0" not in runs.runs
