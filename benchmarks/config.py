@@ -27,6 +27,8 @@ QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 # The keyed scenario's distinct keys over its backlog: many (the target's row) and a few.
 KEYED_KEYS = 10_000
 KEYED_HOT_KEYS = 10
+# Its Partitioned rows (key= and ordered=True): the partitions the same entries are spread on.
+KEYED_PARTITIONS = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,7 @@ class Config:
     # The keyed scenario: distinct keys over its backlog (the drain's), many and a few (hot).
     keyed_keys: int = KEYED_KEYS
     keyed_hot_keys: int = KEYED_HOT_KEYS
+    keyed_partitions: int = KEYED_PARTITIONS
     # Another source tree's asyncstreams, drained beside this one (a before/after in one run).
     baseline_source: Path | None = None
 

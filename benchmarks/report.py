@@ -90,11 +90,18 @@ SCENARIO_NOTES = {
     ),
     "keyed": (
         "The drain scenario's no-op drain (the same backlog, entries of about the same 100 "
-        'bytes, default options), by the same consumer four ways: no `key=`; `key="key"`, a '
+        'bytes, default options), by the same consumer six ways: no `key=`; `key="key"`, a '
         "field name, over {keyed_keys:,} distinct keys; `key=lambda task: task.key`, a "
-        'callable on the Struct the handler takes, over the same keys; and `key="key"` over '
-        "{keyed_hot:,} distinct keys (hot keys: at most {keyed_hot:,} handlers at once). Its "
-        "data sets are its own: each entry has a fourth field, `key` (`k` and the entry's "
+        'callable on the Struct the handler takes, over the same keys; `key="key"` over '
+        "{keyed_hot:,} distinct keys (hot keys: at most {keyed_hot:,} handlers at once); and "
+        'what partition ownership costs one consumer: `key="key"` over the {keyed_keys:,} '
+        "keys on a `Partitioned(name, {keyed_partitions})` stream (the same entries, each in "
+        "the partition of its key, `Partitioned.stream(key)`), without `ordered=True` "
+        "(compared with the `key=` row on one stream) and with it (compared with the row "
+        "without: the cost of ownership alone; `lease_ms` and `block_ms` the defaults). "
+        "The ordered consumer takes its leases before it reads: that wait is start-up, "
+        "outside the timed window, which begins at the first entry handled as in every row. "
+        "Its data sets are its own: each entry has a fourth field, `key` (`k` and the entry's "
         "number modulo the keys, zero-padded, spread round robin over the backlog), its bytes "
         "taken from the filler; every row's handler takes the same Struct (the `Task` with "
         "its `key`)."
@@ -362,6 +369,7 @@ def markdown(
         "partitions": config.cluster_partitions,
         "keyed_keys": config.keyed_keys,
         "keyed_hot": config.keyed_hot_keys,
+        "keyed_partitions": config.keyed_partitions,
     }
     for scenario, cases in _groups(outcomes).items():
         lines += ["", f"## {scenario}: {SCENARIO_TITLES[scenario]}", ""]

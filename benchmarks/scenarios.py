@@ -51,8 +51,9 @@ class Step:
     role: Role
     run: RunStep
     # (entries, size) of the data set the step reads; (entries, size, keys): one with a `key`
-    # field of `keys` distinct values (the keyed scenario's; Store.dataset)
-    data: tuple[int, int] | tuple[int, int, int] | None = None
+    # field of `keys` distinct values (the keyed scenario's; Store.dataset); (entries, size,
+    # keys, partitions): those entries as a Partitioned stream, spread by their keys
+    data: tuple[int, int] | tuple[int, int, int] | tuple[int, int, int, int] | None = None
     entries: int | None = None  # entries handled or written, where there is no data set
     repeat: int = 1
     ref: str | None = None
@@ -97,6 +98,7 @@ def _drain(
     middleware: Middle = "none",
     output: bool = False,
     key: KeyBy = "",
+    ordered: bool = False,
 ) -> RunStep:
     def run(store: Store, dataset: DataSet | None) -> Run:
         assert dataset is not None
@@ -114,6 +116,7 @@ def _drain(
             middleware=middleware,
             output=output,
             key=key,
+            ordered=ordered,
         )
 
     return run
@@ -356,13 +359,19 @@ def pipeline(config: Config) -> list[Step]:
 
 def keyed(config: Config) -> list[Step]:
     """What key lanes (`key=`) cost a no-op drain: no key; a field name and a callable on
-    the payload over many distinct keys; a field name over a few hot keys. Every row reads
-    entries with a `key` field (a data set of the scenario's own) into the same Struct."""
+    the payload over many distinct keys; a field name over a few hot keys. And what
+    partition ownership (`ordered=True`) costs one consumer: a field name over many keys on
+    a `Partitioned` stream (the same entries, each in the partition of its key), without
+    and with `ordered=True`, the latter compared with the former. Every row reads entries
+    with a `key` field (a data set of the scenario's own) into the same Struct."""
     entries, size = config.drain_entries, config.entry_size
     many, hot = config.keyed_keys, config.keyed_hot_keys
+    parts = config.keyed_partitions
     row = partial(Step, "keyed", "no-op drain", repeat=config.repeat,
                   data=(entries, size, many))  # fmt: skip
     no_keys = asyncstreams_impl.key_lanes()
+    no_ownership = no_keys or asyncstreams_impl.ownership()
+    on_partitions = f'key="{KEY_FIELD}", {many:,} distinct keys, Partitioned(name, {parts})'
     return [
         row("asyncstreams", "asyncstreams, no key= (the drain's no-op drain)", "asyncstreams",
             _drain("asyncstreams", shape="keyed")),
@@ -375,6 +384,12 @@ def keyed(config: Config) -> list[Step]:
         row("hot", f'asyncstreams, key="{KEY_FIELD}" (a field name), {hot:,} distinct keys '
             "(hot keys)", "asyncstreams", _drain("asyncstreams", shape="keyed", key="field"),
             data=(entries, size, hot), ref="asyncstreams", skip=no_keys),
+        row("partitioned", f"asyncstreams, {on_partitions} (vs the key= row)",
+            "asyncstreams", _drain("asyncstreams", shape="keyed", key="field"),
+            data=(entries, size, many, parts), ref="field", skip=no_keys),
+        row("ordered", f"asyncstreams, {on_partitions}, ordered=True (vs the row above)",
+            "asyncstreams", _drain("asyncstreams", shape="keyed", key="field", ordered=True),
+            data=(entries, size, many, parts), ref="partitioned", skip=no_ownership),
     ]  # fmt: skip
 
 

@@ -62,8 +62,10 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     # handler returning what it got, one output per entry ("": no output). The child checks
     # that the stream holds `entries` entries once the drain is done.
     output: str = ""
-    # The keyed scenario: how the asyncstreams consumer is given `key=` ("": not at all).
+    # The keyed scenario: how the asyncstreams consumer is given `key=` ("": not at all);
+    # `ordered=True` (with `partitions`: partition ownership, asyncstreams.ownership).
     key: KeyBy = ""
+    ordered: bool = False
     # "count": done when `entries` were handled and acked (the child times it);
     # "stdin": run until the parent writes STOP (several processes share the group).
     until: Literal["count", "stdin"] = "count"
@@ -73,9 +75,10 @@ class ConsumeSpec(msgspec.Struct, kw_only=True, frozen=True):
     # ("": this checkout's), for a before/after in one run (--baseline-source).
     source: str = ""
     # The cluster scenario: one handler over several streams (`stream` is then the first),
-    # or over every partition of `Partitioned(stream, partitions)`; `nodes` is where each
-    # stream lives (its node's URL), for the check that nothing is pending (XINFO GROUPS,
-    # which the scenario leaves out of the commands it counts).
+    # or over every partition of `Partitioned(stream, partitions)` (the keyed scenario's
+    # partitioned rows too); `nodes` is where each stream lives (its node's URL), for the
+    # check that nothing is pending (XINFO GROUPS, which the cluster scenario leaves out of
+    # the commands it counts).
     streams: tuple[str, ...] = ()
     partitions: int = 0
     nodes: dict[str, str] = msgspec.field(default_factory=dict)

@@ -19,6 +19,9 @@ from typing import Any
 
 import msgspec
 
+from asyncstreams import Partitioned
+from asyncstreams.ownership import lease_key, members_key
+
 from .ledger import decode_bitmap, merge_bitmaps
 from .procs import ROOT, Child, ChildError
 from .specs import (
@@ -117,12 +120,17 @@ def drain(
     middleware: Middle = "none",
     output: bool = False,
     key: KeyBy = "",
+    ordered: bool = False,
 ) -> Run:
     """One consumer drains the data set in a group of its own, starting at the first entry.
     `output`: it publishes what its handler returns to a fresh stream of the suite's (the
-    child checks its length), deleted after the run."""
+    child checks its length), deleted after the run. A partitioned data set is read as the
+    `Partitioned` stream it is (the group on each partition), with `ordered=True` if asked:
+    the consumer's lease keys and members, if left, are deleted after the run."""
     group = store.group(impl)
-    store.create_group(dataset.stream, group, "0")
+    streams = dataset.streams
+    for stream in streams:
+        store.create_group(stream, group, "0")
     output_stream = store.name("output") if output else ""
     spec = ConsumeSpec(
         impl=impl,
@@ -141,6 +149,10 @@ def drain(
         middleware=middleware,
         output=output_stream,
         key=key,
+        ordered=ordered,
+        partitions=dataset.partitions,
+        # The child's check that nothing is pending: on each partition (XINFO GROUPS).
+        nodes=dict.fromkeys(streams, store.url) if dataset.partitions else {},
     )
     try:
         with _spawn("consume", spec, f"consumer {impl}") as child:
@@ -148,11 +160,14 @@ def drain(
             result = child.result(ConsumeResult, wait)
         problems = _tally_problems(result, dataset.entries)
         if not problems:
-            problems = store.check_group(dataset.stream, group, dataset.last_id, dataset.entries)
+            problems = _check_dataset(store, dataset, group)
     finally:
-        store.destroy_group(dataset.stream, group)
+        for stream in streams:
+            store.destroy_group(stream, group)
         if output_stream:
             store.delete(output_stream)
+        if ordered:
+            store.delete(*_ownership_keys(dataset, group))
     run = Run(
         rate=(dataset.entries - 1) / result.seconds if result.seconds else None,
         seconds=result.seconds,
@@ -164,6 +179,24 @@ def drain(
     if result.rss_samples:
         run.extra["rss"] = _rss_profile(result.rss_samples, dataset.entries)
     return run
+
+
+def _check_dataset(store: Store, dataset: DataSet, group: str) -> list[str]:
+    """What is wrong with the group on the data set's stream, or on each partition."""
+    if not dataset.partitions:
+        return store.check_group(dataset.stream, group, dataset.last_id, dataset.entries)
+    problems = []
+    for stream, last_id in dataset.last_ids.items():
+        found = store.check_group(stream, group, last_id, dataset.lengths[stream])
+        problems += [f"{stream}: {problem}" for problem in found]
+    return problems
+
+
+def _ownership_keys(dataset: DataSet, group: str) -> list[str]:
+    """The keys `ordered=True` writes for `group` on a partitioned data set: the members and
+    each partition's lease (asyncstreams.ownership; the consumer deletes them as it stops)."""
+    partitioned = Partitioned(dataset.stream, dataset.partitions)
+    return [members_key(partitioned, group), *(lease_key(s, group) for s in dataset.streams)]
 
 
 def _cpu_us(result: ConsumeResult, entries: int) -> float | None:

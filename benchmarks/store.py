@@ -10,13 +10,15 @@ import contextlib
 import itertools
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import hiredis
 import redis
 
-from .payload import xadd_args
+from asyncstreams import Partitioned
+
+from .payload import key_value, xadd_args
 
 if TYPE_CHECKING:
     from .cluster import Lab
@@ -36,11 +38,25 @@ def _text(value: bytes | str | None) -> str | None:
 
 @dataclass(frozen=True)
 class DataSet:
-    stream: str
+    """A data set: one stream; or, with `partitions`, a `Partitioned(stream, partitions)`
+    whose entries are spread over its partition streams by their `key` field."""
+
+    stream: str  # the stream; with `partitions`, the name of the Partitioned stream
     entries: int
     size: int
-    last_id: str
+    last_id: str  # the stream's last id ("" with `partitions`: see `last_ids`)
     keys: int = 0  # the keyed scenario's: distinct values of the `key` field (0: no such field)
+    partitions: int = 0
+    # With `partitions`: each partition stream's last id and length (0-length ones left out).
+    last_ids: dict[str, str] = field(default_factory=dict)
+    lengths: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The Redis streams it is written to."""
+        if self.partitions:
+            return Partitioned(self.stream, self.partitions).streams
+        return (self.stream,)
 
 
 class Store:
@@ -52,7 +68,7 @@ class Store:
         self.prefix = f"asyncstreams-bench:{secrets.token_hex(4)}:"
         self._counter = itertools.count(1)
         self._keys: set[str] = set()
-        self._datasets: dict[tuple[int, int, int], DataSet] = {}
+        self._datasets: dict[tuple[int, int, int, int], DataSet] = {}
         self._lab: Lab | None = None
 
     def name(self, what: str) -> str:
@@ -70,17 +86,36 @@ class Store:
 
     # -- data --------------------------------------------------------------------------
 
-    def dataset(self, entries: int, size: int, keys: int = 0) -> DataSet:
+    def dataset(self, entries: int, size: int, keys: int = 0, partitions: int = 0) -> DataSet:
         """A stream of `entries` tasks of `size` bytes, written once and shared by the runs;
         with `keys`, each has a `key` field too, one of `keys` distinct values (the keyed
-        scenario's own data sets: the others' have none)."""
-        key = (entries, size, keys)
+        scenario's own data sets: the others' have none). With `partitions` (and `keys`),
+        the same entries as a `Partitioned` stream of that many partitions, each entry in
+        the partition of its key (`Partitioned.stream(key)`, as `publish(..., key=)` puts
+        it), in order."""
+        key = (entries, size, keys, partitions)
         if key not in self._datasets:
             what = f"data-{size}B-{entries}" + (f"-{keys}keys" if keys else "")
-            stream = self.name(what)
-            last_id = self.fill(stream, 0, entries, size, keys)
-            self._datasets[key] = DataSet(stream, entries, size, last_id, keys)
+            if partitions:
+                self._datasets[key] = self._partitioned(what, entries, size, keys, partitions)
+            else:
+                stream = self.name(what)
+                last_id = self.fill(stream, 0, entries, size, keys)
+                self._datasets[key] = DataSet(stream, entries, size, last_id, keys)
         return self._datasets[key]
+
+    def _partitioned(
+        self, what: str, entries: int, size: int, keys: int, partitions: int
+    ) -> DataSet:
+        if not keys:
+            raise ValueError("a partitioned data set is spread by its key field: expected keys")
+        stream = Partitioned(self.name(f"{what}-{partitions}p"), partitions)
+        self._keys.update(stream.streams)
+        last_ids = fill_partitioned(self.client, stream, 0, entries, size, keys)
+        lengths = {name: int(self.client.xlen(name)) for name in last_ids}
+        return DataSet(
+            stream.name, entries, size, "", keys, partitions, last_ids=last_ids, lengths=lengths
+        )
 
     def fill(self, stream: str, start: int, stop: int, size: int, keys: int = 0) -> str:
         """XADD entries `start..stop-1` (see `fill`); the last id."""
@@ -88,7 +123,7 @@ class Store:
 
     def drop_datasets(self) -> None:
         for dataset in self._datasets.values():
-            self.delete(dataset.stream)
+            self.delete(*dataset.streams)
         self._datasets.clear()
         self.close_lab()
 
@@ -155,6 +190,30 @@ def fill(client: redis.Redis, stream: str, start: int, stop: int, size: int, key
     finally:
         client.connection_pool.release(connection)
     return last_id
+
+
+def fill_partitioned(
+    client: redis.Redis, stream: Partitioned, start: int, stop: int, size: int, keys: int
+) -> dict[str, str]:
+    """XADD entries `start..stop-1` (see `fill`), each to the partition of its key
+    (`stream.stream(key)`), in pipelines of 1,000; the last id of each partition written."""
+    connection = client.connection_pool.get_connection()
+    last_ids: dict[str, str] = {}
+    try:
+        for first in range(start, stop, FILL_CHUNK):
+            seqs = range(first, min(stop, first + FILL_CHUNK))
+            now = time.time()
+            names = [stream.stream(key_value(seq, keys)) for seq in seqs]
+            packed = b"".join(
+                pack(xadd_args(name, seq, size, now, keys))
+                for name, seq in zip(names, seqs, strict=True)
+            )
+            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+            for name in names:
+                last_ids[name] = _text(connection.read_response()) or ""
+    finally:
+        client.connection_pool.release(connection)
+    return last_ids
 
 
 def group_info(client: redis.Redis, stream: str, group: str) -> dict[str, Any]:

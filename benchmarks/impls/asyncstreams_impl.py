@@ -60,6 +60,20 @@ def key_lanes() -> str | None:
     return None
 
 
+def ownership() -> str | None:
+    """None if a consumer may take `ordered=True` (partition ownership); otherwise why not."""
+    app = App("redis://127.0.0.1:1/0")  # never connects
+
+    async def probe(task: Task) -> None:
+        return None
+
+    try:
+        app.consumer(Partitioned("probe", 2), group="probe", key="task_id", ordered=True)(probe)
+    except (TypeError, ConfigurationError):
+        return "asyncstreams has no partition ownership yet (ordered= is refused)"
+    return None
+
+
 def publish_many() -> str | None:
     """None if `App.publish_many` exists; otherwise why not."""
     if hasattr(App, "publish_many"):
@@ -193,6 +207,8 @@ async def consuming(spec: ConsumeSpec, sink: Sink) -> AsyncIterator[None]:
         options["key"] = KEY_FIELD
     elif spec.key == "call":  # on the handler's Struct, a KeyedTask (shape "keyed")
         options["key"] = lambda task: task.key
+    if spec.ordered:  # lease_ms, block_ms: the defaults
+        options["ordered"] = True
     streams: str | Partitioned | list[str] = spec.stream
     if spec.partitions:
         streams = Partitioned(spec.stream, spec.partitions)
