@@ -26,9 +26,9 @@ A partition changes hands in these steps:
 
 Safety rests on the leases alone; the members list only balances. An owner counts its
 lease as valid until the time it sent its last successful renewal plus `lease_ms`, less a
-quarter of it (renewals go every quarter: so a renewal lost in a failover does not matter,
-and two in a row may fail without losing the lease); past that it starts
-nothing more of the partition: no read, no handler (checked before each read and each
+quarter of it (renewals go every quarter: a renewal lost in a failover leaves Redis keeping
+the lease at least as long as its owner counts it, and one renewal may fail without the
+lease lapsing); past that it starts nothing more of the partition: no read, no handler (checked before each read and each
 handler call), and it drops what it had not started. Redis expires the lease only later,
 after any read the old owner sent has ended (`block_ms` is at most a quarter of
 `lease_ms`), so whatever Redis delivered to the old owner is pending by the time a new
