@@ -24,15 +24,15 @@ A partition changes hands in these steps:
    XCLAIM), as its bound allows: a crashed owner's entries (its lease expired) run first.
 3. Only then does it read new entries of the partition.
 
-Safety rests on the leases alone; the members list only balances. An owner counts its
-lease as valid until the time it sent its last successful renewal plus `lease_ms`, less a
-quarter of it (renewals go every quarter: a renewal lost in a failover leaves Redis keeping
-the lease at least as long as its owner counts it, and one renewal may fail without the
-lease lapsing); past that it starts nothing more of the partition: no read, no handler (checked before each read and each
-handler call), and it drops what it had not started. Redis expires the lease only later,
-after any read the old owner sent has ended (`block_ms` is at most a quarter of
-`lease_ms`), so whatever Redis delivered to the old owner is pending by the time a new
-owner lists the partition's pending entries to take them over.
+Safety rests on the leases alone; the members list only balances. An owner counts its lease
+as valid until the time it sent its last successful renewal plus `lease_ms`, less a quarter
+of it (renewals go every quarter: a renewal lost in a failover leaves Redis keeping the
+lease at least as long as its owner counts it, and one renewal may fail without the lease
+lapsing); past that it starts nothing more of the partition: no read, no handler (checked
+before each read and each handler call), and it drops what it had not started. Redis
+expires the lease only later, after any read the old owner sent has ended (`block_ms` is at
+most a quarter of `lease_ms`), so whatever Redis delivered to the old owner is pending by
+the time a new owner lists the partition's pending entries to take them over.
 The worst case is a handler that was already running when its owner lost the lease: a
 process paused (SIGSTOP, a VM stall) longer than the lease finishes, when it resumes, the
 handlers it was running, while the new owner runs those entries again. Losing more than one
