@@ -417,7 +417,9 @@ class Consumer:
                     self._reading_now.update(only)
                 try:
                     entries = await self._outage.ride(
-                        lambda: self._read(reader, count, block, only)  # noqa: B023
+                        (lambda: reader.read(count, block=block))  # noqa: B023
+                        if only is None
+                        else (lambda: self._read(reader, count, block, only))  # noqa: B023
                     )
                 finally:
                     ledger.read_ended(kept)
@@ -444,15 +446,13 @@ class Consumer:
                 await reader.close()
 
     async def _read(
-        self, reader: GroupReader, count: int, block: bool, only: list[str] | None
+        self, reader: GroupReader, count: int, block: bool, only: list[str]
     ) -> list[Entry]:
-        """One read; with `ordered=True`, of the partitions still owned (a read sent again
+        """One read, with `ordered=True`: of the partitions still owned (a read sent again
         after an outage checks the leases again)."""
-        if only is not None and self.ownership is not None:
-            only = self.ownership.readable_now(only)
-            if not only:
-                return []
-        return await reader.read(count, block=block, only=only)
+        assert self.ownership is not None
+        owned = self.ownership.readable_now(only)
+        return await reader.read(count, block=block, only=owned) if owned else []
 
     async def _recover(self) -> None:
         try:

@@ -56,7 +56,7 @@ from redis.exceptions import RedisError
 
 from . import _commands
 from ._nodes import Nodes
-from ._transport import REFUSALS, explain, refuses
+from ._transport import REFUSALS, explain
 from .codec import Invoke, InvokeBatch
 from .errors import DecodeError, RedisRefusedError
 from .failures import LeaseLost
@@ -482,16 +482,10 @@ class Ownership:
         """Leave to the group what is held of `stream` and not started (the next owner
         claims it); parked entries too (left pending, as they are)."""
         left = self._drop(stream)  # before any await: no worker starts one meanwhile
-        if not left:
-            return
-        try:
+        if left:  # should this fail, they stay pending here, delivered once more than they ran
             await _commands.give_back(
                 self._nodes, stream, self._group, self._name, [(i, 0, n) for i, _, n in left]
             )
-        except (RedisError, OSError) as exc:
-            if refuses(exc):
-                raise
-            # Left as they are: pending here, delivered once more than they ran.
 
     def _lose(self, stream: str, why: str) -> None:
         """The lease no longer counts: nothing more of `stream` starts here; what was not
