@@ -30,7 +30,8 @@ import inspect
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Generator, Hashable, Mapping, Sequence
-from itertools import chain
+from itertools import chain, groupby, repeat
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -38,6 +39,7 @@ import msgspec.msgpack
 from redis.exceptions import ResponseError
 
 from ._nodes import Nodes
+from ._rows import MOST_FIELDS, Shape, shape_of
 from ._slots import key_slot
 from ._transport import is_transient, pack
 from .codec import Invoke, InvokeBatch, encode_flat
@@ -50,10 +52,6 @@ log = logging.getLogger("asyncstreams.consumer")
 _msgpack = msgspec.msgpack.Encoder().encode
 # What encoding an output that MessagePack cannot carry raises.
 _UNENCODABLE = (msgspec.EncodeError, UnicodeEncodeError, TypeError, OverflowError)
-
-# The most fields one output may have: the script passes them to XADD with Lua's unpack(),
-# which takes about 8,000 values.
-MOST_FIELDS = 3_900
 
 # Commits handler calls. KEYS: every stream they name. ARGV: group, consumer, `most`, the
 # number of input streams, (stream, lowest id, highest id) per input stream, then the calls
@@ -195,6 +193,31 @@ class Commit:
         self.published: set[int] = set()
 
 
+class Row:
+    """The most common call, kept cheaply until its commit: one entry, whose handler
+    returned one Struct of scalar values (`values`, of `shape`) for the consumer's one
+    output stream, in the entry's hash slot. (A call of any other kind is a Commit.)"""
+
+    __slots__ = ("entry_id", "shape", "stream", "values")
+
+    def __init__(self, stream: str, entry_id: bytes, shape: Shape, values: tuple[Any, ...]):
+        self.stream = stream
+        self.entry_id = entry_id
+        self.shape = shape
+        self.values = values
+
+    def commit(self, output: str) -> Commit:
+        """The same call as a Commit (to log it, or to encode it alone)."""
+        texts = [column[0] for column in self.shape.columns([self.values])]
+        flat: list[Any] = list(chain.from_iterable(zip(self.shape.names, texts, strict=True)))
+        return Commit([(self.stream, self.entry_id)], [[output, len(flat), *flat]])
+
+
+# A call waiting for its commit: a Row, a Commit, or (stream, id) for an entry that has no
+# outputs.
+Waiting = Row | Commit | tuple[str, bytes]
+
+
 class Pipeline:
     """The outputs of one consumer's handler calls, from the call to the commit.
 
@@ -227,7 +250,10 @@ class Pipeline:
         self._fixed = output if isinstance(output, str) and "{stream}" not in output else None
         # The most entries this consumer holds: its pending entries in a commit's range.
         self._most = most
-        self._staged: dict[tuple[str, bytes], Commit] = {}
+        self._staged: dict[tuple[str, bytes], Commit | Row] = {}
+        # Per input stream: whether its calls to the one output stream may be Rows (on a
+        # cluster, only if that stream is in the input's slot).
+        self._rows: dict[str, bool] = {}
         self._outboxes: dict[tuple[str, bytes], Outbox] = {}
         # The partition number of each input stream that is a partition, and their count.
         self._partition_of: dict[str, tuple[int, int]] = {
@@ -279,8 +305,15 @@ class Pipeline:
         An output that cannot be published raises, failing the call (nothing is staged)."""
         first = ids[0]
         box = self._outboxes.pop(first, None) if self._outboxes else None
-        if result is None and box is None:
-            return
+        if box is None:
+            if result is None:
+                return
+            if len(ids) == 1 and self._fixed is not None:
+                # The common call: kept as a Row, encoded at the commit with the others.
+                found = shape_of(result)
+                if found is not None and self._in_rows(first[0]):
+                    self._staged[first] = Row(first[0], first[1], *found)
+                    return
         outputs: list[Output] = []
         if result is not None and self._output is not None:
             values = result if isinstance(result, list) else (result,)
@@ -307,6 +340,16 @@ class Pipeline:
         staged = self._staged
         for entry in ids:
             staged[entry] = call
+
+    def _in_rows(self, stream: str) -> bool:
+        try:
+            return self._rows[stream]
+        except KeyError:
+            pass
+        rows = self._rows[stream] = not self._nodes.cluster or key_slot(stream) == key_slot(
+            str(self._fixed)
+        )
+        return rows
 
     def dropped(self, ids: list[tuple[str, bytes]]) -> None:
         """The call of the entries `ids` failed (its handler raised, or a middleware after
@@ -365,8 +408,7 @@ class Pipeline:
         script per hash slot (one for everything, on one server). Raises what Redis
         refused; sent again, it adds nothing twice."""
         staged = self._staged
-        # Per call: its Commit, or (stream, id) for an entry that has no outputs.
-        calls: list[Commit | tuple[str, bytes]] = []
+        calls: list[Waiting] = []
         across: list[Commit] = []
         seen: set[int] = set()  # calls of several entries (a batch handler's) met already
         for stream, ids in ids_by_stream.items():
@@ -375,6 +417,10 @@ class Pipeline:
                 if call is None:
                     calls.append((stream, entry_id))
                     continue
+                if type(call) is Row:
+                    calls.append(call)
+                    continue
+                assert isinstance(call, Commit)
                 if len(call.entries) > 1:
                     if id(call) in seen:
                         continue
@@ -388,14 +434,14 @@ class Pipeline:
             published = await self._publish_first(across)
             calls += [entry for call in published for entry in call.entries]
         if self._nodes.cluster:
-            by_slot: dict[int, list[Commit | tuple[str, bytes]]] = {}
+            by_slot: dict[int, list[Waiting]] = {}
             for one in calls:
                 by_slot.setdefault(key_slot(_stream_of(one)), []).append(one)
             groups = list(by_slot.values())
         else:
             groups = [calls]
         commands: list[tuple[str, bytes]] = []
-        kept: list[list[Commit | tuple[str, bytes]]] = []
+        kept: list[list[Waiting]] = []
         for group in groups:
             try:
                 command = self._commit(group)
@@ -415,15 +461,15 @@ class Pipeline:
         for call in across:
             self.dropped(call.entries)
 
-    def _encodable(
-        self, calls: list[Commit | tuple[str, bytes]]
-    ) -> list[Commit | tuple[str, bytes]]:
+    def _encodable(self, calls: list[Waiting]) -> list[Waiting]:
         """`calls` but those whose outputs MessagePack cannot carry (a str with a lone
         surrogate, say: text that is not Unicode), for a commit that did not encode: they
         are left pending, as the calls whose outputs Redis refuses (see `_refused`)."""
-        kept: list[Commit | tuple[str, bytes]] = []
+        kept: list[Waiting] = []
         for call in calls:
-            if not isinstance(call, tuple):
+            if type(call) is Row:
+                call = call.commit(str(self._fixed))
+            if isinstance(call, Commit):
                 try:
                     _msgpack(call.item)
                 except _UNENCODABLE as exc:
@@ -433,43 +479,86 @@ class Pipeline:
             kept.append(call)
         return kept
 
-    def _commit(self, calls: list[Commit | tuple[str, bytes]]) -> bytes:
+    def _commit(self, calls: list[Waiting]) -> bytes:
         """The EVAL of the commit script for `calls` (see _COMMIT)."""
         inputs: dict[str, list[bytes]] = {}
         outputs: dict[str, None] = {}
         items: list[Any] = []
+        rows: list[Row] = []
+        commits = False
         for call in calls:
+            if type(call) is Row:
+                rows.append(call)
+                continue
+            if rows:
+                self._add_rows(rows, inputs, outputs, items)
+                rows = []
             if isinstance(call, tuple):
                 stream, entry_id = call
                 inputs.setdefault(stream, []).append(entry_id)
                 items += (1, stream, entry_id.decode(), 0)
                 continue
+            assert isinstance(call, Commit)
+            commits = True
             for stream, entry_id in call.entries:
                 inputs.setdefault(stream, []).append(entry_id)
             for output in call.outputs:
                 outputs[output[0]] = None
             items += call.item
+        if rows:
+            self._add_rows(rows, inputs, outputs, items)
         ranges: list[bytes | str] = []
         for stream, ids in inputs.items():
             ranges += (stream, *_bounds(ids))
         keys = [*inputs, *(key for key in outputs if key not in inputs)]
-        if bytes in map(type, items):
+        if commits and bytes in map(type, items):
             items = _packable(items)
         return pack(
             ("EVAL", _COMMIT, len(keys), *keys, self._group, self._consumer, self._most + 1,
              len(inputs), *ranges, _msgpack(items))
         )  # fmt: skip
 
-    def _committed(self, calls: list[Commit | tuple[str, bytes]], skipped: list[int]) -> None:
+    def _add_rows(
+        self,
+        rows: list[Row],
+        inputs: dict[str, list[bytes]],
+        outputs: dict[str, None],
+        items: list[Any],
+    ) -> None:
+        """Add consecutive Rows to a commit's `items`, as calls of one entry and one output
+        each (see _COMMIT), in their order; made column by column, in C loops, for each run
+        of Rows of one input stream and one shape."""
+        output = str(self._fixed)
+        outputs[output] = None
+        for (stream, shape), group in groupby(rows, key=_stream_and_shape):
+            run = list(group)
+            ids = [row.entry_id for row in run]
+            inputs.setdefault(stream, []).extend(ids)
+            fields: list[Any] = []
+            for name, column in zip(
+                shape.names, shape.columns([row.values for row in run]), strict=True
+            ):
+                fields += (repeat(name), column)
+            calls = zip(
+                repeat(1), repeat(stream), map(bytes.decode, ids),
+                repeat(1), repeat(output), repeat(2 * len(shape.names)), *fields,
+            )  # fmt: skip
+            items += chain.from_iterable(calls)
+
+    def _committed(self, calls: list[Waiting], skipped: list[int]) -> None:
         staged = self._staged
         for call in calls:
-            if not isinstance(call, tuple):
+            if type(call) is Row:
+                staged.pop((call.stream, call.entry_id), None)
+            elif isinstance(call, Commit):
                 for entry in call.entries:
                     staged.pop(entry, None)
         for index, why in zip(skipped[::2], skipped[1::2], strict=True):
             call = calls[index]
             if isinstance(call, tuple):
                 continue  # no outputs: nothing to say
+            if isinstance(call, Row):
+                call = call.commit(str(self._fixed))
             if why == 2:
                 self._refused(call)
             elif why == 1:
@@ -565,8 +654,13 @@ def _packable(items: list[Any]) -> list[Any]:
     return [_str_of(value) if type(value) is bytes else value for value in items]
 
 
-def _stream_of(call: Commit | tuple[str, bytes]) -> str:
-    return call[0] if isinstance(call, tuple) else call.entries[0][0]
+def _stream_of(call: Waiting) -> str:
+    if isinstance(call, tuple):
+        return call[0]
+    return call.stream if isinstance(call, Row) else call.entries[0][0]
+
+
+_stream_and_shape = attrgetter("stream", "shape")
 
 
 def _str_of(value: bytes) -> msgspec.Raw:

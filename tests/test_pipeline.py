@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 from msgspec import msgpack
 
 from asyncstreams import App, Call, ConfigurationError, Message, Middleware, Outbox, Partitioned
+from asyncstreams._rows import Shape, shape_of
+from asyncstreams.codec import encode_flat
 from asyncstreams.middleware import Proceed
 from asyncstreams.pipeline import _COMMIT
 
@@ -406,3 +408,105 @@ async def test_an_output_messagepack_cannot_carry_leaves_only_its_entry_to_the_d
             await wait_drained(client, names.stream, names.group)
     assert sorted(int(o["n"]) for o in await _outputs(client, names("out"))) == [0, 1, 3, 4]
     assert "cannot be encoded" in caplog.text
+
+
+class Scalars(msgspec.Struct):
+    text: str
+    count: int
+    ratio: float
+    flag: bool
+    note: str | None = None
+
+
+_AWKWARD = [
+    Scalars("a", 0, 0.0, False),
+    Scalars("ünï", -(2**63), -0.0, True),
+    Scalars("", 2**64 + 1, float("nan"), True),  # beyond 64 bits; nan: value by value
+    Scalars("x", 10**16, 1e16, False),
+    Scalars("y", 2**64 + 7, float("inf"), False),
+    Scalars("z", 1, 0.1, True, note="kept"),  # None or not: a shape of its own
+]
+
+
+def test_rows_encode_every_scalar_as_encode_flat_does() -> None:
+    """Outputs kept as Rows are encoded at the commit, a column at a time: the text must be
+    encode_flat's, value for value (a consumer of the output cannot tell the paths apart)."""
+    by_shape: dict[int, list[tuple[Shape, tuple[object, ...], Scalars]]] = {}
+    for payload in _AWKWARD:
+        found = shape_of(payload)
+        assert found is not None, payload
+        by_shape.setdefault(id(found[0]), []).append((*found, payload))
+    assert sorted(map(len, by_shape.values())) == [1, 5]  # with a note, without
+    for run in by_shape.values():
+        shape = run[0][0]
+        columns = shape.columns([values for _, values, _ in run])
+        for index, (_, _, payload) in enumerate(run):
+            flat = [part for name, column in zip(shape.names, columns, strict=True)
+                    for part in (name, column[index])]  # fmt: skip
+            assert flat == encode_flat(payload), payload
+    assert shape_of(Enriched(1, 2, tags=["a"])) is None  # not scalars: encode_flat
+    assert shape_of({"a": "b"}) is None
+    assert shape_of(Order(n=None)) is None  # type: ignore[arg-type]  # nothing to write
+
+
+async def test_outputs_keep_their_inputs_order_across_shapes_and_kinds_of_call(
+    redis_url: str, names: Names, client: aioredis.Redis
+) -> None:
+    """One handler at a time, whose calls alternate between outputs kept as Rows (two
+    shapes), outputs of other kinds (a list, a dict, nested values) and none: one commit
+    carries them all, and the output stream has them in the order of their inputs."""
+    await fill(client, names.stream, 60)
+    out = names("out")
+    app = App(redis_url)
+
+    @app.consumer(names.stream, group=names.group, output=out, concurrency=1)
+    async def mixed(order: Order) -> object:
+        kind = order.n % 5
+        if kind == 0:
+            return Scalars(str(order.n), order.n, order.n / 2, True)
+        if kind == 1:
+            return Scalars(str(order.n), order.n, 0.5, False, note="n")
+        if kind == 2:
+            return [Enriched(order.n, 0), Enriched(order.n, 1)]
+        if kind == 3:
+            return {"count": str(order.n)}
+        return None
+
+    async with app:
+        await wait_drained(client, names.stream, names.group)
+    outputs = await _outputs(client, out)
+    assert [int(o.get("count") or o["n"]) for o in outputs] == [
+        n for n in range(60) for _ in range({0: 1, 1: 1, 2: 2, 3: 1, 4: 0}[n % 5])
+    ]
+    assert outputs[0] == {"text": "0", "count": "0", "ratio": "0.0", "flag": "true"}
+    assert outputs[1] == {"text": "1", "count": "1", "ratio": "0.5", "flag": "false", "note": "n"}
+
+
+async def test_a_struct_output_that_cannot_be_sent_or_added_leaves_its_entry_pending(
+    redis_url: str, names: Names, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Row path's refusals: a Struct with a lone surrogate cannot be encoded; an output
+    stream that is a key of another type cannot be added to. Either way the entries are
+    left pending, then dead-lettered, and the log names them."""
+    await fill(client, names.stream, 5)
+    await client.set(names("taken"), "a string")
+    app = App(redis_url, grace_period=0.2)
+    options = {"claim_idle_ms": 200, "max_deliveries": 2}
+
+    @app.consumer(names.stream, group=names.group, output=names("out"), **options)
+    async def surrogate(order: Order) -> Scalars:
+        return Scalars("caf\udce9" if order.n == 2 else "cafe", order.n, 1.0, True)
+
+    @app.consumer(names.stream, group=names("other"), output=names("taken"), **options)
+    async def taken(order: Order) -> Scalars:
+        return Scalars("x", order.n, 1.0, True)
+
+    with caplog.at_level(logging.ERROR, logger="asyncstreams"):
+        async with app:
+            dead_letter = f"{names.stream}:dead-letter"
+            await eventually(lambda: _length_is(client, dead_letter, 6), what="6 dead letters")
+            await wait_drained(client, names.stream, names.group)
+    assert sorted(int(o["count"]) for o in await _outputs(client, names("out"))) == [0, 1, 3, 4]
+    assert "cannot be encoded" in caplog.text
+    assert "a stream among them is a key of another type" in caplog.text
+    assert await client.type(names("taken")) == "string"
