@@ -82,9 +82,14 @@ class KeyedLedger(Ledger):
         key_of: KeyOf,
         max_payload_bytes: int | None = None,
         payloads: dict[tuple[str, bytes], Any] | None = None,
+        read_size: int | None = None,
     ) -> None:
         super().__init__(
-            streams, limit=limit, batch_size=batch_size, max_memory_bytes=max_memory_bytes
+            streams,
+            limit=limit,
+            batch_size=batch_size,
+            max_memory_bytes=max_memory_bytes,
+            read_size=read_size,
         )
         self._key_of = key_of
         self._max_payload = max_payload_bytes
@@ -438,12 +443,14 @@ def guarded_batch(ledger: Ledger, invoke_batch: InvokeBatch) -> InvokeBatch:
 
 def make_ledger(plan: HandlerPlan, options: ConsumerOptions, consumer: str) -> Ledger:
     """The ledger of a consumer: with key lanes when `key=` is given."""
+    size = read_size(plan, options)
     if options.key is None:
         return Ledger(
             options.names,
             limit=options.limit,
             batch_size=options.batch_size,
             max_memory_bytes=options.max_memory_bytes,
+            read_size=size,
         )
     payloads: dict[tuple[str, bytes], Any] | None = {} if reuses_payload(plan, options) else None
     return KeyedLedger(
@@ -454,4 +461,20 @@ def make_ledger(plan: HandlerPlan, options: ConsumerOptions, consumer: str) -> L
         key_of=key_function(plan, options, consumer, payloads),
         max_payload_bytes=options.max_payload_bytes,
         payloads=payloads,
+        read_size=size,
     )
+
+
+def read_size(plan: HandlerPlan, options: ConsumerOptions) -> int:
+    """The most entries one read brings, in all its streams.
+
+    For a handler of one entry per call, a third of the bound (`concurrency + batch_size`),
+    if that is less than `batch_size`: one read can then be on its way while the handlers
+    run on the entries of another and the acks of a third are sent. Reads of the whole
+    batch would leave the bound no room for that: a read, the handlers and the acks would
+    take turns (a pipeline's commits, which take longer than an XACK, most of all). A batch
+    handler's reads stay whole batches: `batch_size` is how many entries a call gets.
+    """
+    if plan.batch:
+        return options.batch_size
+    return min(options.batch_size, max(len(options.names), options.limit // 3))

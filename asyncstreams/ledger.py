@@ -56,6 +56,7 @@ class Ledger:
         "_moving",
         "_n_streams",
         "_parked",
+        "_read_size",
         "_reading",
         "_retries",
         "_room_waiters",
@@ -79,9 +80,12 @@ class Ledger:
         limit: int,
         batch_size: int,
         max_memory_bytes: int,
+        read_size: int | None = None,
     ) -> None:
         self.limit = limit
         self._batch_size = batch_size
+        # The most one read brings (in all its streams): `batch_size` unless told less.
+        self._read_size = batch_size if read_size is None else read_size
         self._n_streams = len(streams)
         self._max_memory = max_memory_bytes
         # Every state at once: how many entries are held, and their ids by stream.
@@ -150,10 +154,12 @@ class Ledger:
         """COUNT for the next XREADGROUP (per stream) over `streams` streams (all of them by
         default); 0 while the reader should wait.
 
-        A whole batch is read when there is room for one, less rather than let the workers
-        run dry; never more than fits in `max_memory_bytes` at the size of recent entries.
-        Several readers (one per hash slot, on a cluster) share the room: each read keeps
-        room for what it may bring until its reply is in.
+        A read brings at most `read_size` entries (`lanes.read_size`: less than a batch for
+        a handler of one entry per call). It is sent when there is room for a whole batch,
+        less rather than let the workers run dry; never more than fits in
+        `max_memory_bytes` at the size of recent entries. Several readers (one per hash
+        slot, on a cluster) share the room: each read keeps room for what it may bring
+        until its reply is in.
         """
         if self.reads_paused or self.closed:
             return 0
@@ -161,7 +167,7 @@ class Ledger:
         room = self.limit - self.held - self._reading
         if room < streams or (room < self._batch_size and self.queue):
             return 0
-        count = min(self._batch_size, room)
+        count = min(self._read_size, room)
         size = self._entry_size
         if size == 0:
             return 1

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
 
 from asyncstreams.codec import plan_handler
 from asyncstreams.deadletter import DeadLetter, Reason, dead_letter
-from asyncstreams.lanes import KeyedLedger, key_function, order
+from asyncstreams.lanes import KeyedLedger, key_function, make_ledger, order
 from asyncstreams.ledger import Ledger, Retry
 from asyncstreams.message import Entry, Message, entry
 from asyncstreams.options import ConsumerOptions
@@ -756,6 +756,38 @@ def test_the_first_read_takes_one_entry_per_stream_then_whole_batches() -> None:
     while ledger.queue:
         ledger.dead_lettered(ledger.start())
     assert ledger.read_count() == 50
+
+
+async def _one(message: Message) -> None: ...
+
+
+async def _many(messages: list[Message]) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("handler", "options", "read"),
+    [
+        (_one, {}, 188),  # a third of 64 + 500
+        (_one, {"concurrency": 1000, "batch_size": 500}, 500),  # a third is more: the batch
+        (_one, {"concurrency": 2, "batch_size": 2}, 2),  # at least one per stream
+        (_one, {"key": "k"}, 188),
+        (_many, {}, 500),  # a batch handler's calls get whole batches
+        (_many, {"concurrency": 2, "batch_size": 100, "key": "k"}, 100),
+    ],
+)
+def test_a_read_brings_a_third_of_the_bound_but_a_batch_handler_reads_whole_batches(
+    handler: Callable[..., object], options: dict[str, object], read: int
+) -> None:
+    """Reads of a third of the bound let a read, the handlers and the acks overlap; a batch
+    handler's reads stay whole batches (what a call gets). Once entries' size is known, a
+    read asks for that many, divided among the streams."""
+    streams = ["a", "b"]
+    consumer = ConsumerOptions(streams, group="g", **options)  # type: ignore[arg-type]
+    ledger = make_ledger(plan_handler(handler), consumer, "consumer")
+    numbers = itertools.count(1)
+    full_read(ledger, streams, numbers, 20)
+    assert ledger.read_count() == read // 2
+    assert len(full_read(ledger, streams, numbers, 20)) == read // 2 * 2
 
 
 async def test_a_read_takes_what_fits_in_memory() -> None:
