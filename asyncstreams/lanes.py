@@ -466,15 +466,17 @@ def make_ledger(plan: HandlerPlan, options: ConsumerOptions, consumer: str) -> L
 
 
 def read_size(plan: HandlerPlan, options: ConsumerOptions) -> int:
-    """The most entries one read brings, in all its streams.
+    """The most entries one read brings, in all its streams: `batch_size`, but for a
+    pipeline's handler of one entry per call.
 
-    For a handler of one entry per call, a third of the bound (`concurrency + batch_size`),
-    if that is less than `batch_size`: one read can then be on its way while the handlers
-    run on the entries of another and the acks of a third are sent. Reads of the whole
-    batch would leave the bound no room for that: a read, the handlers and the acks would
-    take turns (a pipeline's commits, which take longer than an XACK, most of all). A batch
-    handler's reads stay whole batches: `batch_size` is how many entries a call gets.
+    That one reads a third of the bound (`concurrency + batch_size`), if that is less: one
+    read can then be on its way while the handlers run on the entries of another and the
+    commit of a third is sent. A commit takes longer than an XACK, and its entries hold
+    their room until it is answered: with reads of a whole batch, reads and commits took
+    turns, each about half the bound, and the consumer and Redis mostly waited for each
+    other. (Other consumers read whole batches: their acks are quick, and smaller reads
+    measured no faster. A batch handler's calls get what a read brings.)
     """
-    if plan.batch:
+    if plan.batch or (options.output is None and not plan.outbox):
         return options.batch_size
     return min(options.batch_size, max(len(options.names), options.limit // 3))

@@ -154,9 +154,9 @@ class Ledger:
         """COUNT for the next XREADGROUP (per stream) over `streams` streams (all of them by
         default); 0 while the reader should wait.
 
-        A read brings at most `read_size` entries (`lanes.read_size`: less than a batch for
-        a handler of one entry per call). It is sent when there is room for a whole batch,
-        less rather than let the workers run dry; never more than fits in
+        A read brings at most `read_size` entries (`lanes.read_size`: a batch, but less
+        for a pipeline's handler of one entry per call). It is sent when there is room for
+        a whole batch, less rather than let the workers run dry; never more than fits in
         `max_memory_bytes` at the size of recent entries. Several readers (one per hash
         slot, on a cluster) share the room: each read keeps room for what it may bring
         until its reply is in.

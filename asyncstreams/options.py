@@ -86,10 +86,11 @@ class ConsumerOptions:
     batch_size: int = field(
         default=500,
         metadata=_doc(
-            "the most entries one batch handler call gets, and one `XREADGROUP` brings in "
-            "(its `COUNT` is this divided among the streams, so at least one per stream); a "
-            "handler of one entry per call reads at most a third of the bound "
-            "(`concurrency + batch_size`), so that a read, the handlers and the acks overlap"
+            "the most entries one `XREADGROUP` brings in (its `COUNT` is this divided among "
+            "the streams, so at least one per stream) and one batch handler call gets; a "
+            "pipeline's handler of one entry per call reads at most a third of the bound "
+            "(`concurrency + batch_size`), so that a read, the handlers and the commits "
+            "overlap (see [Pipelines](#pipelines))"
         ),
     )
     block_ms: int = field(

@@ -28,6 +28,7 @@ from asyncstreams.lanes import KeyedLedger, key_function, make_ledger, order
 from asyncstreams.ledger import Ledger, Retry
 from asyncstreams.message import Entry, Message, entry
 from asyncstreams.options import ConsumerOptions
+from asyncstreams.outbox import Outbox
 
 pytestmark = pytest.mark.anyio
 
@@ -764,23 +765,28 @@ async def _one(message: Message) -> None: ...
 async def _many(messages: list[Message]) -> None: ...
 
 
+async def _emits(message: Message, out: Outbox) -> None: ...
+
+
 @pytest.mark.parametrize(
     ("handler", "options", "read"),
     [
-        (_one, {}, 188),  # a third of 64 + 500
-        (_one, {"concurrency": 1000, "batch_size": 500}, 500),  # a third is more: the batch
-        (_one, {"concurrency": 2, "batch_size": 2}, 2),  # at least one per stream
-        (_one, {"key": "k"}, 188),
-        (_many, {}, 500),  # a batch handler's calls get whole batches
-        (_many, {"concurrency": 2, "batch_size": 100, "key": "k"}, 100),
+        (_one, {}, 500),  # no pipeline: whole batches
+        (_one, {"output": "out"}, 188),  # a third of 64 + 500
+        (_emits, {}, 188),  # an Outbox makes a pipeline too
+        (_one, {"output": "out", "concurrency": 1000}, 500),  # a third is more: the batch
+        (_one, {"output": "out", "concurrency": 2, "batch_size": 2}, 2),  # one per stream
+        (_one, {"output": "out", "key": "k"}, 188),
+        (_many, {"output": "out"}, 500),  # a batch handler's calls get whole batches
     ],
 )
-def test_a_read_brings_a_third_of_the_bound_but_a_batch_handler_reads_whole_batches(
+def test_a_pipelines_read_brings_a_third_of_the_bound_others_whole_batches(
     handler: Callable[..., object], options: dict[str, object], read: int
 ) -> None:
-    """Reads of a third of the bound let a read, the handlers and the acks overlap; a batch
-    handler's reads stay whole batches (what a call gets). Once entries' size is known, a
-    read asks for that many, divided among the streams."""
+    """A pipeline's reads of a third of the bound let a read, the handlers and the commits
+    overlap; other consumers, and a batch handler's (what a call gets), read whole
+    batches. Once entries' size is known, a read asks for that many, divided among the
+    streams."""
     streams = ["a", "b"]
     consumer = ConsumerOptions(streams, group="g", **options)  # type: ignore[arg-type]
     ledger = make_ledger(plan_handler(handler), consumer, "consumer")
