@@ -677,11 +677,17 @@ def _str_of(value: bytes) -> msgspec.Raw:
 
 
 def _bounds(ids: list[bytes]) -> tuple[bytes, bytes]:
-    """The lowest and the highest of entry ids, in C loops (an id is `ms-seq`)."""
-    parts = b"-".join(ids).split(b"-")
-    pairs = list(zip(map(int, parts[::2]), map(int, parts[1::2]), strict=True))
-    (low_ms, low_seq), (high_ms, high_seq) = min(pairs), max(pairs)
-    return b"%d-%d" % (low_ms, low_seq), b"%d-%d" % (high_ms, high_seq)
+    """A range of entry ids (`ms-seq`) that holds `ids`, in C loops: from the lowest
+    millisecond's first id to the highest's last (the script reads which entries of it
+    are pending on this consumer: a few more than `ids` is no harm). Milliseconds of one
+    length compare as bytes; otherwise as numbers."""
+    ms = b"-".join(ids).split(b"-")[::2]
+    if len(set(map(len, ms))) == 1:
+        low, high = min(ms), max(ms)
+    else:
+        numbers = list(map(int, ms))
+        low, high = b"%d" % min(numbers), b"%d" % max(numbers)
+    return low + b"-0", high + b"-18446744073709551615"
 
 
 def _output(stream: str, payload: object, where: str) -> Output:
