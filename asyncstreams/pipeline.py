@@ -38,6 +38,7 @@ import msgspec
 import msgspec.msgpack
 from redis.exceptions import ResponseError
 
+from ._link import Link
 from ._nodes import Nodes
 from ._rows import MOST_FIELDS, Shape, shape_of
 from ._slots import key_slot
@@ -263,6 +264,9 @@ class Pipeline:
             for index, name in enumerate(item.streams)
         }
         self._warned: set[tuple[str, str]] = set()
+        # On one server, the commits go on a connection of their own (as the Acker's XACKs).
+        first = inputs[0]
+        self._link = Link(nodes, first if isinstance(first, str) else first.streams[0])
         # The flushes of a cluster's masters publish non-atomic calls one at a time.
         self._publishing = asyncio.Lock()
 
@@ -453,7 +457,13 @@ class Pipeline:
             kept.append(group)
             commands.append((_stream_of(group[0]), command))
         groups = kept
-        replies = await self._nodes.send(commands) if commands else []
+        if not commands:
+            replies: list[Any] = []
+        elif self._nodes.cluster:
+            replies = await self._nodes.send(commands)
+        else:
+            # One server, one group: one script. An error reply is raised.
+            replies = [await self._link.call(commands[0][1])]
         for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, ResponseError):
                 raise reply
@@ -585,7 +595,8 @@ class Pipeline:
         )
 
     async def close(self) -> None:
-        """Nothing to close: commits go through the pools (the Acker's interface)."""
+        """Give back the commits' connection (the Acker's interface)."""
+        await self._link.close()
 
     async def _publish_first(self, calls: list[Commit]) -> list[Commit]:
         """XADD now the outputs of calls that cannot commit in one script, each output once
