@@ -27,11 +27,13 @@ class Shape:
     that is None or UNSET is left out, as `encode_flat` leaves it out), and how to turn a
     column of its values to text."""
 
-    __slots__ = ("_converters", "_kept", "names")
+    __slots__ = ("_converters", "_kept", "ints", "names")
 
     def __init__(self, names: Sequence[str], kinds: tuple[type, ...]) -> None:
         kept = [index for index, kind in enumerate(kinds) if kind not in _LEFT_OUT]
         self.names = tuple(names[index] for index in kept)
+        # Where its ints are, among the values: one beyond 64 bits takes `encode_flat`.
+        self.ints = tuple(index for index, kind in enumerate(kinds) if kind is int)
         # The columns written, by index among the values; None: all of them.
         self._kept = None if len(kept) == len(kinds) else kept
         self._converters: tuple[tuple[int, Callable[[Sequence[Any]], Sequence[str]]], ...] = tuple(
@@ -71,7 +73,13 @@ def shape_of(payload: object) -> tuple[Shape, tuple[Any, ...]] | None:
         shape = _shapes[(type(payload), kinds)]
     except KeyError:
         shape = _new_shape(type(payload), kinds, template)
-    return None if shape is None else (shape, values)
+    if shape is None:
+        return None
+    if shape.ints and not all(_LOWEST <= values[index] <= _HIGHEST for index in shape.ints):
+        # Beyond what JSON numbers hold here: encode_flat writes it (or, past the digits
+        # Python converts, raises, failing the call, not the commit).
+        return None
+    return shape, values
 
 
 def _new_shape(struct: type, kinds: tuple[type, ...], template: list[Any]) -> Shape | None:
@@ -85,8 +93,9 @@ def _new_shape(struct: type, kinds: tuple[type, ...], template: list[Any]) -> Sh
 
 
 def _numbers(values: Sequence[float]) -> Sequence[str]:
-    """Ints or floats as `_number` writes each: one JSON array, split at its commas; value
-    by value where JSON has no number for one (nan, inf, an int beyond 64 bits)."""
+    """Ints (within 64 bits: see `shape_of`) or floats as `_number` writes each: one JSON
+    array, split at its commas; value by value where JSON has no number for one (nan,
+    inf)."""
     try:
         text = _json(values)
     except (msgspec.EncodeError, OverflowError):
@@ -105,6 +114,8 @@ _COLUMNS: dict[type, Callable[[Sequence[Any]], Sequence[str]]] = {
     float: _numbers,
     bool: _booleans,
 }
+# The ints a Shape writes: what msgspec encodes as a JSON number.
+_LOWEST, _HIGHEST = -(2**63), 2**64 - 1
 # The types of the values a field is left out for, and of those a Shape writes.
 _LEFT_OUT = frozenset((type(None), type(msgspec.UNSET)))
 _WRITABLE = _SCALAR_KINDS | _LEFT_OUT

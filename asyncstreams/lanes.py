@@ -469,13 +469,14 @@ def read_size(plan: HandlerPlan, options: ConsumerOptions) -> int:
     """The most entries one read brings, in all its streams: `batch_size`, but for a
     pipeline's handler of one entry per call.
 
-    That one reads a third of the bound (`concurrency + batch_size`), if that is less: one
-    read can then be on its way while the handlers run on the entries of another and the
-    commit of a third is sent. A commit takes longer than an XACK, and its entries hold
-    their room until it is answered: with reads of a whole batch, reads and commits took
-    turns, each about half the bound, and the consumer and Redis mostly waited for each
-    other. (Other consumers read whole batches: their acks are quick, and smaller reads
-    measured no faster. A batch handler's calls get what a read brings.)
+    That one reads a third of the bound (`concurrency + batch_size`; but one entry per
+    stream at least), if that is less: one read can then be on its way while the handlers
+    run on the entries of another and the commit of a third is sent. A commit takes longer
+    than an XACK, and its entries hold their room until it is answered: with reads of a
+    whole batch, reads and commits took turns, each about half the bound, and the consumer
+    and Redis mostly waited for each other. (Other consumers read whole batches: their
+    acks are quick, and smaller reads measured no faster. A batch handler's calls get what
+    a read brings.)
     """
     if plan.batch or (options.output is None and not plan.outbox):
         return options.batch_size

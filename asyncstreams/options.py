@@ -89,8 +89,8 @@ class ConsumerOptions:
             "the most entries one `XREADGROUP` brings in (its `COUNT` is this divided among "
             "the streams, so at least one per stream) and one batch handler call gets; a "
             "pipeline's handler of one entry per call reads at most a third of the bound "
-            "(`concurrency + batch_size`), so that a read, the handlers and the commits "
-            "overlap (see [Pipelines](#pipelines))"
+            "(`concurrency + batch_size`; one entry per stream at least), so that a read, "
+            "the handlers and the commits overlap (see [Pipelines](#pipelines))"
         ),
     )
     block_ms: int = field(
