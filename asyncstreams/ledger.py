@@ -156,7 +156,8 @@ class Ledger:
 
         A read brings at most `read_size` entries (`lanes.read_size`: a batch, but less
         for a pipeline's handler of one entry per call). It is sent when there is room for
-        a whole read, less rather than let the workers run dry; never more than fits in
+        a whole batch (room is left to build up meanwhile: the recovery's claims take it
+        too), less rather than let the workers run dry; never more than fits in
         `max_memory_bytes` at the size of recent entries. Several readers (one per hash
         slot, on a cluster) share the room: each read keeps room for what it may bring
         until its reply is in.
@@ -165,7 +166,7 @@ class Ledger:
             return 0
         streams = streams or self._n_streams
         room = self.limit - self.held - self._reading
-        if room < streams or (room < self._read_size and self.queue):
+        if room < streams or (room < self._batch_size and self.queue):
             return 0
         count = min(self._read_size, room)
         size = self._entry_size
