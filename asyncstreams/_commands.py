@@ -80,13 +80,14 @@ async def _not_a_stream(nodes: Nodes, stream: str) -> ConfigurationError:
 
 async def add(
     nodes: Nodes,
-    entries: Sequence[tuple[str, Mapping[str, str | bytes]]],
+    entries: Sequence[tuple[str, Sequence[str | bytes]]],
     *,
     maxlen: int | None,
     approximate: bool,
 ) -> list[str]:
-    """XADD each (stream, field map), pipelined 1000 at a time (on a cluster, each server's
-    share in a pipeline of its own, the servers at once); returns the new entry ids.
+    """XADD each (stream, fields as name, value, name, value...), pipelined 1000 at a time
+    (on a cluster, each server's share in a pipeline of its own, the servers at once);
+    returns the new entry ids.
 
     Raises RedisUnavailableError when Redis cannot be reached, ConfigurationError when a
     key holds something other than a stream.
@@ -98,8 +99,7 @@ async def add(
     for start in range(0, len(entries), 1000):
         chunk = entries[start : start + 1000]
         commands = [
-            (stream, pack(("XADD", stream, *trim, "*", *chain.from_iterable(fields.items()))))
-            for stream, fields in chunk
+            (stream, pack(("XADD", stream, *trim, "*", *fields))) for stream, fields in chunk
         ]
         try:
             replies = await nodes.send(commands)

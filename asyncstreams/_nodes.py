@@ -181,6 +181,12 @@ class Nodes:
         server, the servers at once. The replies in order, error replies in place as
         ResponseErrors. A command answered MOVED or ASK (so not run) is sent again to the
         node named; the others are not."""
+        if self._slots is None:
+            replies = await send_on(self.seed.connection_pool, [c for _, c in commands], False)
+            for reply in replies:
+                if isinstance(reply, MovedError):
+                    raise self.not_followed(reply)
+            return replies
         results: list[Any] = [None] * len(commands)
         todo = list(range(len(commands)))
         asked: dict[int, Redis] = {}

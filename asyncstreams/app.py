@@ -23,7 +23,7 @@ import msgspec
 from . import _commands, _moves, _transport, _trim, deadletter
 from ._nodes import Nodes, discover
 from ._tasks import first_failure
-from .codec import HandlerPlan, encode_fields, plan_handler
+from .codec import HandlerPlan, encode_fields, encode_flat, plan_handler
 from .consumer import Consumer
 from .errors import ConfigurationError
 from .middleware import Middleware, check_middleware
@@ -323,14 +323,18 @@ class App:
             isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 0
         ):
             raise ConfigurationError(f"publish: maxlen must be an integer >= 0, got {maxlen!r}")
-        field_maps: list[Mapping[str, str | bytes]] = [encode_fields(p) for p in payloads]
-        if self._trace_fields is not None and (carried := self._trace_fields()):
+        carried = self._trace_fields() if self._trace_fields is not None else None
+        flats: list[list[str | bytes]]
+        if carried:
             # The payload's own field of the same name, if any, is kept.
-            field_maps = [{**carried, **fields} for fields in field_maps]
-        streams = self._streams_for(stream, keys, len(field_maps))
+            maps = [{**carried, **encode_fields(p)} for p in payloads]
+            flats = [list(chain.from_iterable(fields.items())) for fields in maps]
+        else:
+            flats = [encode_flat(p) for p in payloads]
+        streams = self._streams_for(stream, keys, len(flats))
         return await _commands.add(
             await self.servers(),
-            list(zip(streams, field_maps, strict=True)),
+            list(zip(streams, flats, strict=True)),
             maxlen=maxlen,
             approximate=approximate,
         )
