@@ -392,7 +392,20 @@ def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]
                 ) from None
         return fields
 
+    # The short cut for the common entry: the Struct's own fields, every one, in its order
+    # (as encode_flat writes them): see _in_order.
+    in_order = _in_order(struct) if not (nested or binary) else None
+    keys, conversions = in_order or (None, ())
+
     def decode(flat: list[bytes]) -> Any:
+        if flat[::2] == keys:
+            try:
+                values = list(map(bytes.decode, flat[1::2]))
+                for index, kind in conversions:
+                    values[index] = convert(values[index], kind, strict=False)
+                return struct(*values)
+            except (UnicodeDecodeError, msgspec.ValidationError):
+                pass  # the map's way says why
         if binary:
             fields = declared(flat)
         else:
@@ -417,6 +430,36 @@ def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]
             ) from None
 
     return decode
+
+
+def _in_order(
+    struct: type[msgspec.Struct],
+) -> tuple[list[bytes], tuple[tuple[int, Any], ...]] | None:
+    """The decoder's short cut for an entry of `struct`'s own fields, every one, in its
+    order: their names as they come, and the (position, type) of each field not of str.
+    The values go to the Struct's constructor as they are, text decoded, the others each
+    converted as `msgspec.convert` converts them in a map (`strict=False`); an entry for
+    which any of it fails takes the map's way, which says why.
+
+    None where the constructor is not the same as convert from a map: a `__post_init__`
+    (convert turns its errors into ValidationErrors), a tag, fields only passed by name,
+    or a type convert cannot take."""
+    config = struct.__struct_config__
+    if config.tag is not None or hasattr(struct, "__post_init__"):
+        return None
+    fields = msgspec.structs.fields(struct)
+    kinds = [p.kind for p in inspect.signature(struct).parameters.values()]
+    if kinds != [inspect.Parameter.POSITIONAL_OR_KEYWORD] * len(fields):
+        return None
+    conversions = tuple((i, f.type) for i, f in enumerate(fields) if f.type is not str)
+    for _, kind in conversions:
+        try:
+            msgspec.convert("", kind, strict=False)
+        except msgspec.ValidationError:
+            pass
+        except Exception:  # e.g. a TypeVar: a type convert does not take
+            return None
+    return [f.encode_name.encode() for f in fields], conversions
 
 
 _RAW = (bytes, bytearray, memoryview)

@@ -9,10 +9,11 @@ import asyncio
 import datetime
 import enum
 import json
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import pytest
@@ -476,6 +477,70 @@ def test_entry_that_does_not_match_raises_decode_error(
         struct_decoder(payload_type)(flatten(fields))
     for word in words:
         assert word in str(caught.value)
+
+
+class Limited(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(max_length=3)]
+    count: Annotated[int, msgspec.Meta(ge=0)]
+    color: Color
+    maybe: int | None
+
+
+class Checked(msgspec.Struct):
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count > 9:
+            raise ValueError("count over 9")
+
+
+class ByName(msgspec.Struct, kw_only=True):
+    count: int
+    ratio: float
+
+
+def _by_convert(struct: type[msgspec.Struct], flat: list[bytes]) -> Any:
+    """What msgspec.convert makes of the entry as a map, or the error it raises."""
+    items = map(bytes.decode, flat)
+    try:
+        return msgspec.convert(dict(zip(items, items, strict=True)), struct, strict=False)
+    except msgspec.ValidationError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize(
+    ("struct", "values"),
+    [
+        *((Scalars, [ratio, "1", "true"]) for ratio in ("1.5", "-0", "nan", "inf", "1e400")),
+        *((Scalars, [ratio, "1", "true"]) for ratio in ("1_0", " 1.5", "+1.5", ".5", "1.", "")),
+        *(
+            (Scalars, ["1", count, "1"])
+            for count in ("7", "-0", "1_0", "\uff11\uff12", "0x10", "1.0")
+        ),
+        *((Scalars, ["1", "1", flag]) for flag in ("false", "0", "True", "yes", "")),
+        (Limited, ["abc", "0", "red", "5"]),
+        (Limited, ["abcd", "0", "red", "5"]),
+        (Limited, ["abc", "-1", "red", "5"]),
+        (Limited, ["abc", "0", "green", "5"]),
+        (Limited, ["abc", "0", "blue", "null"]),
+        (Checked, ["9"]),
+        (Checked, ["10"]),
+        (ByName, ["1", "2.5"]),
+    ],
+)
+def test_an_entry_in_the_structs_order_decodes_as_msgspec_converts_its_map(
+    struct: type[msgspec.Struct], values: list[str]
+) -> None:
+    """The decoder's short cut for an entry of every field in order (the common case)
+    gives what msgspec.convert gives from the map, and its errors."""
+    names = [f.encode_name.encode() for f in msgspec.structs.fields(struct)]
+    flat = [part for pair in zip(names, (v.encode() for v in values), strict=True) for part in pair]
+    expected = _by_convert(struct, flat)
+    if isinstance(expected, str):
+        with pytest.raises(DecodeError, match=re.escape(expected)):
+            struct_decoder(struct)(flat)
+    else:
+        assert repr(struct_decoder(struct)(flat)) == repr(expected)  # repr: nan != nan
 
 
 def test_invalid_utf8_value_raises_decode_error_naming_the_field() -> None:
