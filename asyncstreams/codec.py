@@ -147,7 +147,13 @@ class HandlerPlan:
         def message(stream: str, id: bytes, flat: list[bytes], deliveries: int) -> Message:
             return Message.from_entry(id, flat, stream, group, consumer, deliveries)
 
-        makers = [self._maker(arg, decode, message) for arg in self.args if arg is not Arg.OUTBOX]
+        args = [arg for arg in self.args if arg is not Arg.OUTBOX]
+        makers = [self._maker(arg, decode, message) for arg in args]
+        decode_many = struct_batch_decoder(self.payload_type) if self.payload_type else None
+        columns_of = [
+            self._column(make, decode_many if arg is Arg.STRUCT else None)
+            for arg, make in zip(args, makers, strict=True)
+        ]
         keywords = tuple(
             k for a, k in zip(self.args, self.keywords, strict=True) if a is not Arg.OUTBOX
         )
@@ -161,7 +167,7 @@ class HandlerPlan:
             passed: list[Entry] = entries
             rejected: list[tuple[Entry, DecodeError]] = []
             try:
-                columns = [[make(e[0], e[1], e[2], e[3]) for e in entries] for make in makers]
+                columns = [column(entries) for column in columns_of]
             except DecodeError:
                 # Some entry does not decode: sort them out one by one (the rare case).
                 passed = []
@@ -191,6 +197,15 @@ class HandlerPlan:
             return passed, rejected, handler(*positional, **named)
 
         return invoke_batch
+
+    @staticmethod
+    def _column(
+        make: Callable[[str, bytes, list[bytes], int], Any], decode_many: DecodeMany | None
+    ) -> Callable[[list[Entry]], list[Any]]:
+        """An argument's list for all the entries of a batch: Structs decoded together."""
+        if decode_many is not None:
+            return lambda entries: decode_many([e[2] for e in entries])
+        return lambda entries: [make(e[0], e[1], e[2], e[3]) for e in entries]
 
     @staticmethod
     def _maker(
@@ -352,18 +367,30 @@ def _layout(struct: type[msgspec.Struct]) -> _Layout:
     return _Layout(names, frozenset(nested), frozenset(binary))
 
 
-_decoders: dict[type[msgspec.Struct], Callable[[list[bytes]], Any]] = {}
+Decode = Callable[[list[bytes]], Any]
+DecodeMany = Callable[[list[list[bytes]]], list[Any]]
+_decoders: dict[type[msgspec.Struct], tuple[Decode, DecodeMany]] = {}
 
 
-def struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]], Any]:
+def struct_decoder(struct: type[msgspec.Struct]) -> Decode:
     """The decoder from an entry's flat field list to `struct`, built once per type."""
-    decoder = _decoders.get(struct)
-    if decoder is None:
-        decoder = _decoders[struct] = _build_struct_decoder(struct)
-    return decoder
+    return _struct_decoders(struct)[0]
 
 
-def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]], Any]:
+def struct_batch_decoder(struct: type[msgspec.Struct]) -> DecodeMany:
+    """`struct_decoder` for the entries of a batch at once: a list of `struct`, in order.
+    Raises the DecodeError of the first entry that does not decode."""
+    return _struct_decoders(struct)[1]
+
+
+def _struct_decoders(struct: type[msgspec.Struct]) -> tuple[Decode, DecodeMany]:
+    decoders = _decoders.get(struct)
+    if decoders is None:
+        decoders = _decoders[struct] = _build_struct_decoders(struct)
+    return decoders
+
+
+def _build_struct_decoders(struct: type[msgspec.Struct]) -> tuple[Decode, DecodeMany]:
     layout = _layout(struct)
     names = layout.names
     nested = layout.nested
@@ -392,19 +419,22 @@ def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]
                 ) from None
         return fields
 
-    # The short cut for the common entry: the Struct's own fields, every one, in its order
-    # (as encode_flat writes them): see _in_order.
+    # The short cut for the common entry (see _InOrder).
     in_order = _in_order(struct) if not (nested or binary) else None
-    keys, conversions = in_order or (None, ())
+    keys = in_order.keys if in_order else None
+    values = in_order.values if in_order else None
+    rows = in_order.rows if in_order else None
+    quotes = in_order.quotes if in_order else 0
 
     def decode(flat: list[bytes]) -> Any:
         if flat[::2] == keys:
             try:
-                values = list(map(bytes.decode, flat[1::2]))
-                for index, kind in conversions:
-                    values[index] = convert(values[index], kind, strict=False)
-                return struct(*values)
-            except (UnicodeDecodeError, msgspec.ValidationError):
+                if values is None:
+                    return struct(*map(bytes.decode, flat[1::2]))
+                text = b'","'.join(flat[1::2])
+                if b"\\" not in text and text.count(b'"') == quotes:
+                    return struct(*values(b'["' + text + b'"]'))
+            except (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError):
                 pass  # the map's way says why
         if binary:
             fields = declared(flat)
@@ -429,21 +459,27 @@ def _build_struct_decoder(struct: type[msgspec.Struct]) -> Callable[[list[bytes]
                 f"entry does not match {name}: a value is nested too deeply to decode"
             ) from None
 
-    return decode
+    def decode_many(flats: list[list[bytes]]) -> list[Any]:
+        """Entries all in order, as one JSON array of arrays (see _InOrder); any other
+        batch, one by one."""
+        if rows is not None and flats and all(flat[::2] == keys for flat in flats):
+            text = b'"],["'.join([b'","'.join(flat[1::2]) for flat in flats])
+            expected = len(flats) * (quotes + 2) - 2  # the arrays' own quotes
+            if b"\\" not in text and text.count(b'"') == expected:
+                try:
+                    return [struct(*row) for row in rows(b'[["' + text + b'"]]')]
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    pass  # one by one: the first that does not decode says why
+        return [decode(flat) for flat in flats]
+
+    return decode, decode_many
 
 
-def _in_order(
-    struct: type[msgspec.Struct],
-) -> tuple[list[bytes], tuple[tuple[int, Any], ...]] | None:
+def _in_order(struct: type[msgspec.Struct]) -> _InOrder | None:
     """The decoder's short cut for an entry of `struct`'s own fields, every one, in its
-    order: their names as they come, and the (position, type) of each field not of str.
-    The values go to the Struct's constructor as they are, text decoded, the others each
-    converted as `msgspec.convert` converts them in a map (`strict=False`); an entry for
-    which any of it fails takes the map's way, which says why.
-
-    None where the constructor is not the same as convert from a map: a `__post_init__`
-    (convert turns its errors into ValidationErrors), a tag, fields only passed by name,
-    or a type convert cannot take."""
+    order (as `encode_flat` writes them), or None where the Struct's constructor is not the
+    same as `msgspec.convert` from a map: a `__post_init__` (convert turns its errors into
+    ValidationErrors), a tag, fields only passed by name, or a type msgspec cannot take."""
     config = struct.__struct_config__
     if config.tag is not None or hasattr(struct, "__post_init__"):
         return None
@@ -451,15 +487,35 @@ def _in_order(
     kinds = [p.kind for p in inspect.signature(struct).parameters.values()]
     if kinds != [inspect.Parameter.POSITIONAL_OR_KEYWORD] * len(fields):
         return None
-    conversions = tuple((i, f.type) for i, f in enumerate(fields) if f.type is not str)
-    for _, kind in conversions:
-        try:
-            msgspec.convert("", kind, strict=False)
-        except msgspec.ValidationError:
-            pass
-        except Exception:  # e.g. a TypeVar: a type convert does not take
-            return None
-    return [f.encode_name.encode() for f in fields], conversions
+    keys = [f.encode_name.encode() for f in fields]
+    types = tuple(f.type for f in fields)
+    if all(t is str for t in types):
+        return _InOrder(keys, None, None, 0)
+    row = tuple[types]  # type: ignore[valid-type]
+    try:
+        values = msgspec.json.Decoder(row, strict=False).decode
+        rows = msgspec.json.Decoder(list[row], strict=False).decode
+    except TypeError:  # e.g. a TypeVar
+        return None
+    return _InOrder(keys, values, rows, 2 * len(keys) - 2)
+
+
+@dataclass(frozen=True, slots=True)
+class _InOrder:
+    """How the decoder takes an entry of a Struct's own fields, every one, in its order.
+
+    When they are all of str, their values are decoded and go to the Struct's constructor
+    in order. Otherwise they are one JSON array of strings to msgspec, which converts each
+    to its field's type by its own rules for text (`strict=False`, as `msgspec.convert`
+    does from a map), in one call: a JSON string means what its bytes say only if none of
+    them is a backslash or a quote, so an entry holding one (the `quotes` between the
+    values are the array's own) takes the map's way, as does one that msgspec refuses
+    (the map's way then says why)."""
+
+    keys: list[bytes]
+    values: Callable[[bytes], tuple[Any, ...]] | None
+    rows: Callable[[bytes], list[tuple[Any, ...]]] | None  # the values of many entries
+    quotes: int
 
 
 _RAW = (bytes, bytearray, memoryview)

@@ -21,7 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncstreams import App, ConfigurationError, DecodeError, Message
-from asyncstreams.codec import encode_fields, plan_handler, struct_decoder
+from asyncstreams.codec import (
+    encode_fields,
+    plan_handler,
+    struct_batch_decoder,
+    struct_decoder,
+)
 
 # -- payload types -----------------------------------------------------------------------
 
@@ -523,6 +528,13 @@ def _by_convert(struct: type[msgspec.Struct], flat: list[bytes]) -> Any:
         (Limited, ["abc", "-1", "red", "5"]),
         (Limited, ["abc", "0", "green", "5"]),
         (Limited, ["abc", "0", "blue", "null"]),
+        # Text that JSON would read otherwise, in a Struct of text and a number.
+        *(
+            (Task, [text, "d", "1.5"])
+            for text in ('a"b', "a\\u0031", "\\", '"', '","', "line\nbreak", "\t", "\u00e9")
+        ),
+        (Task, ["t", 'a","b', "2"]),
+        (Task, ["t", '","', '","']),
         (Checked, ["9"]),
         (Checked, ["10"]),
         (ByName, ["1", "2.5"]),
@@ -541,6 +553,31 @@ def test_an_entry_in_the_structs_order_decodes_as_msgspec_converts_its_map(
             struct_decoder(struct)(flat)
     else:
         assert repr(struct_decoder(struct)(flat)) == repr(expected)  # repr: nan != nan
+
+
+def test_a_batch_decodes_as_its_entries_one_by_one() -> None:
+    """Entries of a batch handler are decoded together where they can be (see _InOrder):
+    the same values as one by one, the same error for the first that does not decode."""
+    decode, decode_many = struct_decoder(Task), struct_batch_decoder(Task)
+    in_order = [
+        [b"task_id", f"t-{n}".encode(), b"data", b"d", b"created_at", str(n / 3).encode()]
+        for n in range(50)
+    ]
+    others = [
+        [b"data", b"d", b"task_id", b"t", b"created_at", b"1"],  # another order
+        [b"task_id", b"t", b"data", b"\\u0031", b"created_at", b"1"],  # JSON reads "1"
+        [b"task_id", b'a"b', b"data", b"d", b"created_at", b"nan"],
+        [*TASK_FLAT, b"extra", b"\xff"],  # a field Task does not declare
+    ]
+    batches = [in_order, *([*in_order, other] for other in others), [*in_order, *others], []]
+    for batch in batches:
+        assert repr(decode_many(batch)) == repr([decode(flat) for flat in batch])
+    bad = [b"task_id", b"t", b"data", b"d", b"created_at", b"soon"]
+    with pytest.raises(DecodeError) as one:
+        decode(bad)
+    with pytest.raises(DecodeError) as many:
+        decode_many([*in_order, bad, *in_order])
+    assert str(many.value) == str(one.value)
 
 
 def test_invalid_utf8_value_raises_decode_error_naming_the_field() -> None:
