@@ -32,7 +32,8 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from .codec import Arg, HandlerPlan, Invoke, InvokeBatch, struct_decoder
+from ._decode import struct_decoder
+from .codec import Arg, HandlerPlan, Invoke, InvokeBatch
 from .deadletter import DeadLetter
 from .errors import DecodeError
 from .ledger import Ledger

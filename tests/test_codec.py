@@ -21,12 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncstreams import App, ConfigurationError, DecodeError, Message
-from asyncstreams.codec import (
-    encode_fields,
-    plan_handler,
-    struct_batch_decoder,
-    struct_decoder,
-)
+from asyncstreams._decode import struct_batch_decoder, struct_decoder
+from asyncstreams.codec import encode_fields, plan_handler
 
 # -- payload types -----------------------------------------------------------------------
 
